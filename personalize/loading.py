@@ -1,0 +1,95 @@
+"""Loading base pipelines from a local folder or a hub id, once per process."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda", "mps")
+SCHEDULERS = ("model", "ddim")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+_cache: dict[tuple, object] = {}
+
+
+def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device not in DEVICES:
+        raise UserError(f"--device: {device!r} is not one of {' | '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not one of {' | '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: cuda was asked for, but no CUDA device is available here")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device: mps was asked for, but no MPS device is available here")
+    if device == "cpu" and dtype == "float16":
+        raise UserError("--dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+    return torch.device(device), DTYPES[dtype]
+
+
+def check_model(model: str) -> str:
+    """Refuse a model that is neither a diffusers pipeline folder nor a hub id, before any
+    loading starts."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model: {model} is a file; give a diffusers pipeline folder or a hub id")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            json.loads(index.read_text())
+        except ValueError as e:
+            raise UserError(f"--model: {index} is not valid JSON ({e})") from None
+        return str(path)
+    if not HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise UserError(f"--model: the folder {model} does not exist (and it is not a hub id like org/name)")
+    return model
+
+
+def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", scheduler: str = "model"):
+    """The Stable Diffusion pipeline at `model`, cached per (model, device, dtype, scheduler)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    model = check_model(model)
+    torch_device, torch_dtype = check_device(device, dtype)
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler: {scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
+    key = (model, device, dtype, scheduler)
+    if key in _cache:
+        return _cache[key]
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model: could not load {model}: {first}") from None
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+        raise UserError(f"--model: {model} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(torch_device)
+    _cache[key] = pipe
+    return pipe
+
+
+def read_concept_json(folder: str | Path) -> dict | None:
+    """The `concept.json` of a model folder (phrase, superclass, references), if any,
+    with reference paths made absolute."""
+    path = Path(folder) / "concept.json"
+    if not path.is_file():
+        return None
+    try:
+        concept = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    for key in ("phrase", "superclass"):
+        if not isinstance(concept.get(key), str) or not concept[key].strip():
+            raise UserError(f"{path}: {key!r} must be a non-empty string")
+    concept["references"] = [str((path.parent / p).resolve()) for p in concept.get("references", [])]
+    return concept

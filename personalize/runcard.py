@@ -1,0 +1,119 @@
+"""Run cards and the files a run writes: images, run.json, latents, per-step files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .preview import latents_to_rgb, map_to_image
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("personalize", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    from . import __version__
+    out["personalize"] = __version__
+    return out
+
+
+def run_card(*, config, prompts, negative_prompt, concept_phrase, superclass, seed, num_images,
+             height, width, model, concept, scheduler, device, dtype, result) -> dict:
+    return {
+        "sampler": config.name,
+        "params": dict(config.params),
+        "prompt_template": prompts.template,
+        "prompts": {"concept": prompts.concept, "superclass": prompts.superclass, "negative": negative_prompt},
+        "concept_phrase": concept_phrase,
+        "superclass": superclass,
+        "seed": seed,
+        "steps": config.steps,
+        "num_images": num_images,
+        "height": height,
+        "width": width,
+        "model": model,
+        "concept": concept,
+        "scheduler": scheduler,
+        "device": device,
+        "dtype": dtype,
+        "versions": versions(),
+        "denoiser_rows": result.rows,
+        "denoiser_rows_per_step": result.step_rows,
+        "concept_token_index": result.token_index,
+        "seconds": round(result.seconds, 4),
+    }
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out: {out} is not empty; choose a new folder or pass --overwrite")
+    return out
+
+
+class StepRecorder:
+    """A step callback that keeps what `--save-steps` writes: a preview per step and,
+    for masked sampling, the attention map and mask."""
+
+    def __init__(self):
+        self.previews, self.maps, self.masks = [], [], []
+
+    def __call__(self, info: dict) -> None:
+        self.previews.append(latents_to_rgb(info["latents"]))
+        self.maps.append(None if info["attention"] is None else info["attention"].float().cpu().numpy())
+        self.masks.append(None if info["mask"] is None else info["mask"][:, 0].cpu().numpy())
+
+
+def write_run(out: str | Path, card: dict, result, *, save_latents: bool = False,
+              steps: StepRecorder | None = None, overwrite: bool = False) -> dict:
+    """Write a finished run into `out` all at once (a temporary folder moved into place),
+    so a failure leaves nothing half-written. Returns the card with the file names."""
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        card = dict(card)
+        card["images"] = []
+        for k, image in enumerate(result.images):
+            name = f"image_{k:03d}.png"
+            image.save(tmp / name)
+            card["images"].append(name)
+        if save_latents:
+            np.save(tmp / "latents.npy", result.latents.float().cpu().numpy())
+            card["latents"] = "latents.npy"
+        if steps is not None:
+            card["steps_dir"] = _write_steps(tmp / "steps", steps)
+        (tmp / "run.json").write_text(json.dumps(card, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return card
+
+
+def _write_steps(folder: Path, steps: StepRecorder) -> str:
+    folder.mkdir()
+    for i, previews in enumerate(steps.previews):
+        for k, image in enumerate(previews):
+            image.save(folder / f"step_{i:03d}_image_{k:03d}.png")
+        if steps.maps[i] is not None:
+            np.save(folder / f"step_{i:03d}_attention.npy", steps.maps[i])
+            np.save(folder / f"step_{i:03d}_mask.npy", steps.masks[i])
+            for k in range(len(steps.maps[i])):
+                map_to_image(steps.maps[i][k]).save(folder / f"step_{i:03d}_attention_{k:03d}.png")
+                map_to_image(steps.masks[i][k]).save(folder / f"step_{i:03d}_mask_{k:03d}.png")
+    return folder.name
+

@@ -1,0 +1,95 @@
+"""One generation request, from checked input to images and run card: what the command
+line, the app and the sweeps call."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import engine
+from .errors import UserError
+from .loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
+from .prompts import check_template, prompt_pair
+from .runcard import run_card
+from .samplers import configure
+
+
+@dataclass
+class Request:
+    prompt: str
+    sampler: str = "concept"
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None            # None: the offline demo model
+    concept: str | None = None
+    concept_phrase: str | None = None   # None: from the model's concept.json
+    superclass: str | None = None
+    negative_prompt: str = ""
+    steps: int = 50
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    scheduler: str = "model"
+
+
+@dataclass
+class Prepared:
+    """A request with every input checked; nothing has been loaded yet."""
+    request: Request
+    config: Any
+    prompts: Any
+    model: str
+    concept_phrase: str
+    superclass: str
+
+
+def check(req: Request) -> Prepared:
+    """Check everything that can be checked without loading a model."""
+    config = configure(req.sampler, req.params, req.steps)
+    check_template(req.prompt)
+    for name, v, low in (("--seed", req.seed, 0), ("--num-images", req.num_images, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UserError(f"{name}: {v!r} must be a whole number >= {low}")
+    for name, v in (("--height", req.height), ("--width", req.width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"{name}: {v!r} must be a positive whole number")
+    check_device(req.device, req.dtype)
+    if req.scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
+    if req.concept is not None:
+        raise UserError("--concept: loading fine-tuned concept files is not available yet; "
+                        "give a DreamBooth pipeline folder as --model")
+    if req.model is None:
+        from .demo_model import ensure_demo_model
+        model = str(ensure_demo_model())
+    else:
+        model = check_model(req.model)
+    meta = read_concept_json(model) or {}
+    phrase = req.concept_phrase or meta.get("phrase")
+    superclass = req.superclass or meta.get("superclass")
+    if not phrase:
+        raise UserError("--concept-phrase: not given, and the model has no concept.json to take it from")
+    if not superclass:
+        raise UserError("--superclass: not given, and the model has no concept.json to take it from")
+    prompts = prompt_pair(req.prompt, phrase, superclass)
+    return Prepared(req, config, prompts, model, phrase, superclass)
+
+
+def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = None):
+    """Load (or reuse) the pipeline and run; returns (RunResult, run card)."""
+    req = prep.request
+    pipe = load_pipeline(prep.model, device=req.device, dtype=req.dtype, scheduler=req.scheduler)
+    result = engine.run(pipe, prep.prompts, prep.config, seed=req.seed, num_images=req.num_images,
+                        height=req.height, width=req.width, negative_prompt=req.negative_prompt,
+                        concept_phrase=prep.concept_phrase, callback=callback, stop=stop)
+    height = req.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = req.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    card = run_card(config=prep.config, prompts=prep.prompts, negative_prompt=req.negative_prompt,
+                    concept_phrase=prep.concept_phrase, superclass=prep.superclass, seed=req.seed,
+                    num_images=req.num_images, height=height, width=width,
+                    model=req.model or f"demo ({prep.model})", concept=req.concept,
+                    scheduler=type(pipe.scheduler).__name__, device=req.device, dtype=req.dtype, result=result)
+    return result, card

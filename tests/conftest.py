@@ -1,0 +1,37 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The demo pipeline in memory (seeded random weights)."""
+    from personalize.demo_model import build_pipeline
+
+    p = build_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo model written to disk by `python -m personalize demo-model`."""
+    from personalize.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "model"
+    assert main(["demo-model", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    from personalize.prompts import prompt_pair
+
+    return prompt_pair("a photo of a {} on the beach", "sks dog", "dog")
+
