@@ -64,7 +64,7 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", sc
     if key in _cache:
         return _cache[key]
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model: could not load {model}: {first}") from None

@@ -38,6 +38,8 @@ class Param:
             out["range"] = [self.low, "steps" if self.kind == "steps" and high is None else high]
         if self.kind == "scale":
             out["per_step_list"] = True
+        if self.kind == "steps":
+            out["default_is_for_50_steps"] = True  # scaled to the run's steps, see default_for
         return out
 
 
@@ -162,9 +164,20 @@ def configure(name: str, params: Mapping[str, Any] | None = None, steps: int = 5
         raise UserError(f"--steps: {steps!r} is not a whole number of steps >= 1")
     spec = get_spec(name)
     params = dict(params or {})
-    filled = {p.name: params.pop(p.name, p.default) for p in spec.params}
+    filled = {p.name: params.pop(p.name, default_for(p, steps)) for p in spec.params}
     filled.update(params)  # unknown names stay, so the config's check reports them
     return SamplerConfig(name, steps, filled)
+
+
+STUDY_STEPS = 50  # the study's step-count defaults are fractions of a 50-step run
+
+
+def default_for(p: Param, steps: int):
+    """A parameter's default for a run of `steps` steps: step counts keep their share of
+    the study's 50-step trajectory (t_sw = 7 of 50 is 3 of 20), everything else is as is."""
+    if p.kind == "steps":
+        return min(steps, round(p.default * steps / STUDY_STEPS))
+    return p.default
 
 
 def _is_number(v) -> bool:

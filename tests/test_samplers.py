@@ -33,11 +33,18 @@ def test_cost_table_rows_per_step():
     assert rows("superclass") == [2] * N
     assert rows("switching") == [2] * N
     assert rows("mixed") == [3] * N
-    assert rows("multistage") == [2] * 10 + [3] * 10
-    assert rows("masked") == [2] * 3 + [3] * 17
+    assert rows("multistage", steps=50) == [2] * 10 + [3] * 40
+    assert rows("masked", steps=50) == [2] * 3 + [3] * 47
     assert rows("profusion") == [5] * N
     assert rows("photoswap", t_sf=5, t_cm=15, t_sm=12) == [4] * 15 + [2] * 5
     assert rows("photoswap", steps=50) == [4] * 20 + [2] * 30
+
+
+def test_step_defaults_keep_their_share_of_50_steps():
+    assert configure("switching", {}, 20).params["t_sw"] == 3          # 7 of 50
+    assert configure("photoswap", {}, 10).params == {"w": 7.0, "t_sf": 1, "t_cm": 3, "t_sm": 4}
+    assert configure("multistage", {}, 100).params["t_sw"] == 20
+    assert configure("switching", {"t_sw": 9}, 20).params["t_sw"] == 9  # given values are kept
 
 
 def test_unused_branches_are_dropped():
