@@ -94,7 +94,8 @@ def write_demo_model(out: str | Path, *, references: int = 3, steps: int = 10) -
         path = ref_dir / f"reference_{k}.png"
         result.images[0].save(path)
         paths.append(str(path.relative_to(out)))
-    concept = dict(DEMO_CONCEPT, references=paths)
+    # `random_weights` lets the app say plainly that this is the offline demo model.
+    concept = dict(DEMO_CONCEPT, references=paths, random_weights=True)
     (out / "concept.json").write_text(json.dumps(concept, indent=2) + "\n")
     return out
 

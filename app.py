@@ -1,0 +1,66 @@
+"""personalize: explore the samplers of personalized text-to-image generation.
+
+`python app.py` serves the app locally (and as a Hugging Face Space: see README front
+matter); with no `--model` it uses the study's base model where it can be had, else the
+offline demo model, and says so on the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import gradio as gr
+
+from personalize.lab import Lab
+from ui.api import create_api
+from ui.compare import create_compare
+from ui.concept_tab import create_concept
+from ui.explore import create_explore
+from ui.guide import create_guide
+from ui.session import Session
+
+
+def build_app(lab: Lab) -> gr.Blocks:
+    with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
+        gr.Markdown("# personalize\nWhich sampler gives your fine-tuned concept the best balance of concept "
+                    "fidelity and prompt following?")
+        state = gr.State(Session(copy.deepcopy(lab.default_concept)))
+        with gr.Tabs():
+            parts = create_explore(lab, state)
+            create_compare(lab, state, parts["chart"])
+            create_concept(lab, state, parts["references"])
+            create_guide()
+        create_api(lab, state)
+        demo.load(lambda session: (session.concept.references, lab.chart(session.history, session.background)),
+                  [state], [parts["references"], parts["chart"]], api_visibility="private")
+    # One queue for everything that touches the model: users never share a pipeline mid-run.
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="base pipeline folder or hub id (default: see above)")
+    p.add_argument("--concept", default=None, help="fine-tuned concept, any supported format")
+    p.add_argument("--concept-phrase", default=None)
+    p.add_argument("--superclass", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--host", default=None, help="default: 127.0.0.1, or GRADIO_SERVER_NAME (Spaces)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lab = Lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase, superclass=args.superclass,
+              device=args.device, dtype=args.dtype)
+    demo = build_app(lab)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=lab.served_folders())
+
+
+if __name__ == "__main__":
+    main()

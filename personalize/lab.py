@@ -1,0 +1,269 @@
+"""What the app needs from the library, with no UI in it: a model choice, streamed runs
+that can be stopped, side-by-side comparisons, scores, and a session's chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from . import runs
+from .errors import UserError
+from .loading import read_concept_json
+from .preview import latents_to_rgb, map_to_image
+
+STUDY_MODEL = "stabilityai/stable-diffusion-2-base"  # the study's base model
+MAX_UPLOAD_MB = 256
+PREVIEW_ZOOM = 8  # one latent pixel is 8 image pixels in SD's VAE
+
+
+def study_model_available(timeout: float = 5.0) -> bool:
+    """Whether the study's base model can be had here: in the local hub cache, or from
+    the hub (a short check; offline machines say no at once)."""
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(STUDY_MODEL, local_files_only=True, allow_patterns=["model_index.json"])
+        return True
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import HfApi
+        HfApi().model_info(STUDY_MODEL, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+@dataclass
+class Concept:
+    """The concept a user samples: its phrase, superclass, reference images and optional
+    fine-tuned weights. Per user (the app keeps it in the session)."""
+    phrase: str
+    superclass: str
+    references: list[str] = field(default_factory=list)
+    weights: str | None = None
+
+
+@dataclass
+class StepUpdate:
+    step: int
+    steps: int
+    previews: list           # PIL images, one per image of the run
+    attention: list | None   # masked sampling: the attention map per image (PIL, grey)
+    mask: list | None        # and the mask
+
+
+@dataclass
+class Finished:
+    images: list
+    card: dict
+
+
+class Lab:
+    """One base model for the whole app; every run names its own concept and parameters."""
+
+    def __init__(self, model: str | None = None, *, concept: str | None = None, concept_phrase: str | None = None,
+                 superclass: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 try_study_model: bool = True):
+        self.demo = False
+        if model is None and try_study_model and study_model_available():
+            model = STUDY_MODEL
+        if model is None:
+            from .demo_model import ensure_demo_model
+            model = str(ensure_demo_model())
+            self.demo = True
+        self.model, self.device, self.dtype = model, device, dtype
+        meta = read_concept_json(model) if Path(model).is_dir() else None
+        meta = meta or {}
+        self.demo = self.demo or bool(meta.get("random_weights"))
+        phrase = concept_phrase or meta.get("phrase") or "sks dog"
+        superclass = superclass or meta.get("superclass") or "dog"
+        self.default_concept = Concept(phrase, superclass, list(meta.get("references", [])), concept)
+        self.scheduler = "ddim" if model == STUDY_MODEL else "model"
+        self.default_size = default_size(model)
+        self.max_upload_mb = MAX_UPLOAD_MB
+
+    # -- describing ---------------------------------------------------------------------
+    def banner(self) -> str:
+        if self.demo:
+            return ("Running on the **offline demo model**: a small Stable-Diffusion-architecture pipeline with "
+                    "random weights (no weights could be had here), so images are noise-like. Every sampler "
+                    "runs exactly as on a real model; start with `--model` for real images.")
+        return f"Model: `{self.model}` on {self.device} ({self.dtype})."
+
+    def served_folders(self) -> list[str]:
+        """Folders whose files the app may serve (the default concept's reference images)."""
+        return sorted({str(Path(p).parent) for p in self.default_concept.references})
+
+    # -- concepts -----------------------------------------------------------------------
+    def check_references(self, paths: list[str]) -> list[str]:
+        """Reference images a user gave: each must open as an image."""
+        from PIL import Image, UnidentifiedImageError
+        checked = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError):
+                raise UserError(f"{Path(path).name}: not an image file") from None
+            checked.append(str(path))
+        return checked
+
+    def check_concept_upload(self, path: str) -> Path:
+        return check_upload(path, suffixes=(".safetensors",), max_mb=self.max_upload_mb)
+
+    def make_concept(self, phrase: str, superclass: str, *, weights: str | None = None, upload: str | None = None,
+                     references: list[str] | None = None, current: Concept | None = None) -> Concept:
+        """A checked Concept from what a user typed and uploaded (UserError if anything is off)."""
+        phrase, superclass = (phrase or "").strip(), (superclass or "").strip()
+        if not phrase:
+            raise UserError("concept phrase: empty; write the phrase the concept was trained with, e.g. 'sks dog'")
+        if not superclass:
+            raise UserError("superclass: empty; write the concept's class noun, e.g. 'dog'")
+        if upload:
+            weights = str(self.check_concept_upload(upload))
+        if weights:
+            from .concepts import detect_format
+            detect_format(weights)
+        refs = self.check_references(references) if references else list((current or self.default_concept).references)
+        return Concept(phrase, superclass, refs, weights or None)
+
+    # -- running ------------------------------------------------------------------------
+    def request(self, concept: Concept, prompt: str, sampler: str, params: dict, *, seed: int = 0,
+                steps: int = 30, negative_prompt: str = "", size: int | None = None,
+                num_images: int = 1) -> runs.Prepared:
+        """Check a run's input (raises UserError) without loading anything."""
+        req = runs.Request(prompt=prompt, sampler=sampler, params=dict(params), model=self.model,
+                           concept=concept.weights, concept_phrase=concept.phrase, superclass=concept.superclass,
+                           negative_prompt=negative_prompt, steps=int(steps), seed=int(seed),
+                           num_images=int(num_images), height=size, width=size, device=self.device,
+                           dtype=self.dtype, scheduler=self.scheduler)
+        return runs.check(req)
+
+    def stream(self, prep: runs.Prepared, stop: threading.Event | None = None) -> Iterator[StepUpdate | Finished]:
+        """Run in a worker thread and yield a StepUpdate after every step, then Finished.
+
+        Closing the iterator (a UI's Stop) stops the run at the next step and waits for the
+        worker, so the device is free when this returns."""
+        stop = stop or threading.Event()
+        updates: queue.Queue = queue.Queue()
+        steps = prep.config.steps
+
+        def shown(image):  # latent-sized pictures, blown up so that a page shows them
+            return image.resize((image.width * PREVIEW_ZOOM, image.height * PREVIEW_ZOOM), Image.NEAREST)
+
+        def on_step(info):
+            attention = mask = None
+            if info["attention"] is not None:
+                attention = [shown(map_to_image(a)) for a in info["attention"]]
+                mask = [shown(map_to_image(m[0])) for m in info["mask"]]
+            previews = [shown(p) for p in latents_to_rgb(info["latents"])]
+            updates.put(StepUpdate(info["step"], steps, previews, attention, mask))
+
+        def work():
+            try:
+                result, card = runs.execute(prep, callback=on_step, stop=stop)
+                updates.put(Finished(result.images, card))
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                updates.put(e)
+
+        worker = threading.Thread(target=work, name="personalize-run", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = updates.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            stop.set()
+            worker.join()
+
+    def chart(self, history: list[dict], background: list[dict] = ()):
+        """The session's runs on the IS/TS plane (plotly), over a sweep's curves if given."""
+        from .pareto import figure
+        import plotly.graph_objects as go
+
+        rows = list(background) + session_rows(history)
+        if not rows:
+            fig = go.Figure()
+            fig.update_layout(title="IS / TS: each run of this session lands here", xaxis_title="TS",
+                              yaxis_title="IS", template="plotly_white")
+            return fig
+        return figure(rows, title="IS / TS of this session's runs")
+
+    def read_results(self, path: str) -> list[dict]:
+        from .pareto import read_results
+        return read_results(path)
+
+    def generate(self, prep: runs.Prepared) -> Finished:
+        for item in self.stream(prep):
+            if isinstance(item, Finished):
+                return item
+        raise RuntimeError("the run ended without a result")
+
+    def score(self, concept: Concept, images: list, card: dict) -> dict:
+        """A copy of the run's card with its mean IS (None without reference images), TS and
+        TS-class, and `metrics_random` where the metric model has random weights."""
+        from PIL import Image
+
+        from .metrics import MetricSettings, image_scores, load_metric_models
+        from .prompts import fill, remove_concept
+
+        models = load_metric_models(MetricSettings(dino="none", device=self.device))
+        template = card["prompt_template"]
+        generated = models.clip_images(images)
+        references = [Image.open(p) for p in concept.references]
+        texts = models.clip_texts([remove_concept(template), fill(template, concept.superclass)])
+        ref_clip = models.clip_images(references) if references else generated[:0]
+        scores = image_scores(generated, ref_clip, texts[0], texts[1])
+
+        def mean(values):
+            return sum(values) / len(values) if values else None
+        return {**card, "is": mean(scores["is"]) if references else None, "ts": mean(scores["ts"]),
+                "ts_class": mean(scores["ts_class"]), "metrics": models.describe(),
+                "metrics_random": models.random_weights}
+
+
+def default_size(model: str) -> int:
+    """The image size a model was made for (its UNet's sample size times 8)."""
+    import json
+    config = Path(model) / "unet" / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("sample_size", 64)) * 8
+    return 512
+
+
+def check_upload(path: str, *, suffixes: tuple[str, ...], max_mb: int = MAX_UPLOAD_MB) -> Path:
+    """An uploaded file the app may read: the right kind and not too large."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UserError(f"{p.name}: only {', '.join(suffixes)} files can be uploaded")
+    size_mb = p.stat().st_size / 2 ** 20
+    if size_mb > max_mb:
+        raise UserError(f"{p.name}: {size_mb:.0f} MB is over the upload limit of {max_mb} MB")
+    return p
+
+
+
+def session_rows(history: list[dict]) -> list[dict]:
+    """A session's scored runs as results rows for `pareto.figure`, one point per run (the
+    run number is part of its parameters, so equal settings stay separate points)."""
+    rows = []
+    for k, card in enumerate(history):
+        if card.get("is") is None or card.get("ts") is None:
+            continue
+        rows.append({"sampler": f"{card['sampler']} (session)", "params": json.dumps({"run": k + 1, **card["params"]}),
+                     "concept": card["concept_phrase"], "prompt": card["prompt_template"], "is": card["is"],
+                     "ts": card["ts"], "random_weights": str(bool(card.get("metrics_random")))})
+    return rows

@@ -1,0 +1,72 @@
+"""The web API endpoints of interfaces.md (`/generate`, `/compare`), on hidden components
+so that their signatures are exactly the spec's."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from personalize.errors import UserError
+from personalize.lab import Lab
+from personalize.samplers import SAMPLERS
+
+from .compare import compare_runs
+from .explore import save_run
+from .gpu import gpu
+from .errors import shown
+
+
+def parse_json_object(text: str, what: str) -> dict:
+    if not text or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def create_api(lab: Lab, state: gr.State):
+    with gr.Column(visible=False):
+        prompt = gr.Textbox(label="prompt template")
+        sampler = gr.Textbox(label="sampler name")
+        params = gr.Textbox(label="parameters (JSON object)")
+        seed = gr.Number(value=0, precision=0, label="seed")
+        steps = gr.Number(value=30, precision=0, label="steps")
+        samplers = gr.Dropdown(list(SAMPLERS), multiselect=True, label="sampler names")
+        images = gr.Gallery(label="images")
+        card = gr.JSON(label="run card")
+        button_generate = gr.Button()
+        button_compare = gr.Button()
+
+    @gpu
+    def generate(session, prompt_, sampler_, params_, seed_, steps_):
+        """One run of one sampler; returns its images and run card (with is, ts, ts_class)."""
+        try:
+            prep = lab.request(session.concept, prompt_, sampler_, parse_json_object(params_, "parameters"),
+                               seed=int(seed_), steps=int(steps_))
+            finished = lab.generate(prep)
+        except UserError as e:
+            raise shown(e) from None
+        run_card = lab.score(session.concept, finished.images, finished.card)
+        files, _ = save_run(type(finished)(finished.images, run_card))
+        run_card["images"] = files
+        session.history.append(run_card)
+        return files, run_card, session
+
+    @gpu
+    def compare(session, prompt_, samplers_, params_, seed_, steps_):
+        """The same prompt and seed through several samplers: one image per sampler, run cards."""
+        try:
+            items, cards = compare_runs(lab, session, prompt_, samplers_, params_, seed_, steps_)
+        except UserError as e:
+            raise shown(e) from None
+        return items, cards, session
+
+    button_generate.click(generate, [state, prompt, sampler, params, seed, steps], [images, card, state],
+                          api_name="generate", concurrency_id="gpu", concurrency_limit=1)
+    button_compare.click(compare, [state, prompt, samplers, params, seed, steps], [images, card, state],
+                         api_name="compare", concurrency_id="gpu", concurrency_limit=1)
