@@ -44,7 +44,9 @@ def build_parser() -> Parser:
 
     g = verbs.add_parser("generate", help="one run of one sampler")
     g.add_argument("--model", default=None, help="base pipeline folder or hub id (default: the offline demo model)")
-    g.add_argument("--concept", default=None)
+    g.add_argument("--concept", default=None, help="fine-tuned concept: DreamBooth folder, LoRA, textual "
+                   "inversion, Custom Diffusion or SVDiff file/folder (autodetected)")
+    g.add_argument("--concept-scale", type=float, default=1.0, help="strength of a LoRA or SVDiff concept")
     g.add_argument("--concept-phrase", default=None)
     g.add_argument("--superclass", default=None)
     g.add_argument("--prompt", required=True)
@@ -113,7 +115,7 @@ def cmd_generate(args) -> int:
     from .runs import Request, check, execute
 
     req = Request(prompt=args.prompt, sampler=args.sampler, params=parse_set(args.set), model=args.model,
-                  concept=args.concept, concept_phrase=args.concept_phrase, superclass=args.superclass,
+                  concept=args.concept, concept_scale=args.concept_scale, concept_phrase=args.concept_phrase, superclass=args.superclass,
                   negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
                   num_images=args.num_images, height=args.height, width=args.width, device=args.device,
                   dtype=args.dtype, scheduler=args.scheduler)

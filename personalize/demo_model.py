@@ -3,6 +3,7 @@ weights and the real CLIP tokenizer, so everything runs where no weights can be 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -14,18 +15,25 @@ DEMO_SIZE = 256       # default image size of the demo model (32x32 latents)
 REFERENCE_PROMPT = "a photo of a {}"
 
 
-def clip_tokenizer(model_max_length: int = 77):
-    """OpenAI CLIP's BPE tokenizer, built from the vocabulary open_clip ships in its package."""
+@functools.lru_cache(maxsize=1)
+def _clip_vocabulary() -> tuple[dict, list]:
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # the same slice open_clip and OpenAI's CLIP take
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
-                         model_max_length=model_max_length)
+    return {tok: i for i, tok in enumerate(vocab)}, [tuple(m.split()) for m in merges]
+
+
+def clip_tokenizer(model_max_length: int = 77):
+    """OpenAI CLIP's BPE tokenizer, built from the vocabulary open_clip ships in its package.
+    A new tokenizer each call (concepts add tokens to it); the vocabulary is read once."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocabulary()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
 def build_pipeline(seed: int = 0):

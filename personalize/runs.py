@@ -4,7 +4,9 @@ line, the app and the sweeps call."""
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import engine
@@ -22,6 +24,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None            # None: the offline demo model
     concept: str | None = None
+    concept_scale: float = 1.0
     concept_phrase: str | None = None   # None: from the model's concept.json
     superclass: str | None = None
     negative_prompt: str = ""
@@ -60,8 +63,8 @@ def check(req: Request) -> Prepared:
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
     if req.concept is not None:
-        raise UserError("--concept: loading fine-tuned concept files is not available yet; "
-                        "give a DreamBooth pipeline folder as --model")
+        from .concepts import detect_format
+        detect_format(req.concept)
     if req.model is None:
         from .demo_model import ensure_demo_model
         model = str(ensure_demo_model())
@@ -82,6 +85,7 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     """Load (or reuse) the pipeline and run; returns (RunResult, run card)."""
     req = prep.request
     pipe = load_pipeline(prep.model, device=req.device, dtype=req.dtype, scheduler=req.scheduler)
+    applied = use_concept(pipe, req.concept, prep.concept_phrase, req.concept_scale)
     result = engine.run(pipe, prep.prompts, prep.config, seed=req.seed, num_images=req.num_images,
                         height=req.height, width=req.width, negative_prompt=req.negative_prompt,
                         concept_phrase=prep.concept_phrase, callback=callback, stop=stop)
@@ -90,6 +94,30 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     card = run_card(config=prep.config, prompts=prep.prompts, negative_prompt=req.negative_prompt,
                     concept_phrase=prep.concept_phrase, superclass=prep.superclass, seed=req.seed,
                     num_images=req.num_images, height=height, width=width,
-                    model=req.model or f"demo ({prep.model})", concept=req.concept,
+                    model=req.model or f"demo ({prep.model})",
+                    concept=None if applied is None else {"path": applied.path, "format": applied.format,
+                                                          "scale": req.concept_scale},
                     scheduler=type(pipe.scheduler).__name__, device=req.device, dtype=req.dtype, result=result)
     return result, card
+
+
+# The concept applied to each cached pipeline, so that consecutive runs with the same
+# concept do not reload it. Runs on one pipeline never overlap (the app has one queue).
+_applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def use_concept(pipe, path: str | None, phrase: str, scale: float):
+    """Make `pipe` carry exactly the concept at `path` (None: the base model's weights)."""
+    key = None if path is None else (str(Path(path).expanduser().resolve()), phrase, float(scale))
+    current = _applied.get(pipe)
+    if current is not None and current[0] == key:
+        return current[1]
+    if current is not None:
+        current[1].remove()
+        del _applied[pipe]
+    if key is None:
+        return None
+    from .concepts import apply_concept
+    applied = apply_concept(pipe, path, phrase=phrase, scale=scale)
+    _applied[pipe] = (key, applied)
+    return applied

@@ -142,3 +142,47 @@ def test_subprocess_exit_status(demo_dir, tmp_path):
                           capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no placeholder" in done.stderr
+
+
+def test_generate_with_textual_inversion_equals_diffusers(demo_dir, tmp_path):
+    """A concept file written independently (safetensors, token -> embedding) through
+    `generate --concept`, against diffusers' own pipeline with `load_textual_inversion`."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    embedding = torch.randn(1, 64, generator=torch.Generator().manual_seed(9))
+    file = tmp_path / "learned_embeds.safetensors"
+    save_file({"<my-toy>": embedding}, str(file))
+    out = tmp_path / "ti"
+    assert generate(demo_dir, out, "--concept", str(file), "--concept-phrase", "<my-toy>", "--superclass", "toy",
+                    "--save-latents", "--seed", "2", prompt="a photo of a {} on the beach") == 0
+    card = json.loads((out / "run.json").read_text())
+    assert card["concept"]["format"] == "textual_inversion"
+
+    reference = StableDiffusionPipeline.from_pretrained(str(demo_dir), safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_textual_inversion(str(file))
+    theirs = reference("a photo of a <my-toy> on the beach", num_inference_steps=STEPS, guidance_scale=7.0,
+                       height=64, width=64, generator=torch.Generator("cpu").manual_seed(2),
+                       output_type="latent").images
+    assert rel_diff(np.load(out / "latents.npy"), theirs) < 1e-4
+
+    # the same model without the concept again: the token is gone, the base weights are back
+    plain = tmp_path / "plain"
+    assert generate(demo_dir, plain, "--save-latents", "--seed", "2") == 0
+    base = StableDiffusionPipeline.from_pretrained(str(demo_dir), safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    theirs = base("a photo of a sks dog on the beach", num_inference_steps=STEPS, guidance_scale=7.0, height=64,
+                  width=64, generator=torch.Generator("cpu").manual_seed(2), output_type="latent").images
+    assert rel_diff(np.load(plain / "latents.npy"), theirs) < 1e-4
+
+
+def test_bad_concept_file(demo_dir, tmp_path, capsys):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"this is not safetensors")
+    out = tmp_path / "never"
+    assert generate(demo_dir, out, "--concept", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err
+    assert not out.exists()

@@ -1,0 +1,427 @@
+"""`sweep CONFIG --out DIR`: a resumable hyperparameter sweep over concepts x prompts x
+seeds x sampler points, with the study's metrics, one results row per image.
+
+Unit of work: one job = one (concept, prompt, sampler point, seed), whose images go
+through the denoiser as one batch. A job's rows are appended to this process's part
+file (flushed and synced) as soon as its images are scored, so a crash loses at most the
+job in flight. Every run first reads the rows already written and computes only the
+missing ones. Under `accelerate launch` the missing jobs are dealt round-robin to the
+processes; at the end the main process merges every part into `results.csv`, one row
+per key, in the order of the grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import UserError
+from .sweep_config import Concept, Point, SweepConfig, load_config
+
+RESULTS = "results.csv"
+PARTS = "parts"
+LOCK = "sweep.json"
+KEY = ("concept", "prompt", "sampler", "params", "seed", "image")
+COLUMNS = ("concept", "prompt", "seed", "image", "sampler", "params", "point", "is", "ts", "ts_class", "dino",
+           "rows", "seconds", "image_path", "steps", "model", "concept_weights", "concept_phrase", "superclass",
+           "ts_prompt", "ts_class_prompt", "metric_models", "random_weights")
+TIMING = ("seconds",)  # the only columns that differ between two runs of the same rows
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    concept: Concept
+    prompt: str
+    point: Point
+    seed: int
+
+    def key(self, image: int) -> tuple[str, ...]:
+        return (self.concept.name, self.prompt, self.point.sampler, self.point.params, str(self.seed), str(image))
+
+
+def jobs_of(config: SweepConfig) -> list[Job]:
+    """The grid in its fixed order: concept-major (one pipeline and one set of references
+    at a time), then sampler point, prompt, seed."""
+    return [Job(c, prompt, point, seed) for c in config.concepts for point in config.points
+            for prompt in c.prompts for seed in config.seeds]
+
+
+# ---------------------------------------------------------------------------------------
+# Rows on disk
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of one CSV file written by this module. A last line without its newline
+    is a write cut short by a crash: it is dropped."""
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted((out / PARTS).glob("*.csv")) if (out / PARTS).is_dir() else []
+
+
+def existing_rows(out: Path) -> tuple[dict[tuple, dict], list[Path]]:
+    """Every finished row (results.csv first, then the parts), one per key, and the part
+    files read."""
+    rows: dict[tuple, dict] = {}
+    parts = part_files(out)
+    for path in ([out / RESULTS] if (out / RESULTS).is_file() else []) + parts:
+        for row in read_rows(path):
+            rows.setdefault(tuple(row.get(k, "") for k in KEY), row)
+    return rows, parts
+
+
+class PartWriter:
+    """This process's part file, new for every run: rows appended, flushed and synced job by
+    job. A file is never reopened, so a line cut short by a crash stays the last one."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = open(path, "x", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, COLUMNS, lineterminator="\n")
+        self.writer.writeheader()
+        self._sync()
+
+    def write(self, rows: list[dict]) -> None:
+        self.writer.writerows(rows)
+        self._sync()
+
+    def _sync(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+
+def merge(out: Path, order: list[tuple]) -> int:
+    """Fold results.csv and every part into one results.csv: one row per key, rows of the
+    grid in grid order, older rows outside the grid kept after them. Written to a
+    temporary file and renamed, then the parts it read are removed."""
+    rows, parts = existing_rows(out)
+    rank = {key: i for i, key in enumerate(order)}
+    keys = sorted(rows, key=lambda k: (0, rank[k]) if k in rank else (1, 0))  # sort is stable
+    tmp = out / f".{RESULTS}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[k] for k in keys)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(out / RESULTS)
+    for p in parts:
+        p.unlink(missing_ok=True)
+    if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
+        (out / PARTS).rmdir()
+    return len(keys)
+
+
+def check_lock(out: Path, settings: dict, *, write: bool) -> None:
+    """A sweep folder holds one experiment: the settings that change every number (model,
+    steps, size, metric models, each concept's identity) must match those it was started
+    with. New concepts, prompts, points and seeds are welcome."""
+    path = out / LOCK
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key, value in settings.items():
+            if key == "concepts" or key not in old or old[key] == value:
+                continue
+            raise UserError(f"sweep: {out} was made with {key} = {old[key]!r}, this config gives {value!r}; "
+                            "use a new --out for a new experiment")
+        for name, value in settings["concepts"].items():
+            before = old.get("concepts", {}).get(name)
+            if before is not None and before != value:
+                field_ = next(k for k in value if before.get(k) != value[k])
+                raise UserError(f"sweep: concept {name!r} in {out} was made with {field_} = {before.get(field_)!r}, "
+                                f"this config gives {value[field_]!r}; use a new --out or a new concept name")
+        settings = dict(settings, concepts={**old.get("concepts", {}), **settings["concepts"]})
+    if write:
+        tmp = out / f".{LOCK}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def lock_settings(config: SweepConfig, metric_models: str) -> dict:
+    return {
+        "model": config.model, "steps": config.steps, "height": config.height, "width": config.width,
+        "scheduler": config.scheduler, "negative_prompt": config.negative_prompt, "metric_models": metric_models,
+        "concepts": {c.name: {"phrase": c.phrase, "superclass": c.superclass, "weights": c.weights,
+                              "model": c.model, "references": [Path(r).name for r in c.references]}
+                     for c in config.concepts},
+    }
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / LOCK).is_file() or (out / RESULTS).is_file()):
+        raise UserError(f"--out: {out} is not empty and is not a sweep folder; choose a new folder")
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Summary:
+    jobs: int = 0            # jobs in the grid
+    done_before: int = 0     # rows that were already there
+    images: int = 0          # images this process generated
+    rows: int = 0            # rows in results.csv after the merge (main process)
+    seconds: float = 0.0
+    out: str = ""
+    random_weights: bool = False
+
+
+def request_for(config: SweepConfig, job: Job, device: str, num_images: int):
+    from .runs import Request
+
+    return Request(prompt=job.prompt, sampler=job.point.sampler, params=job.point.values,
+                   model=job.concept.model or config.model, concept=job.concept.weights,
+                   concept_phrase=job.concept.phrase, superclass=job.concept.superclass,
+                   negative_prompt=config.negative_prompt, steps=config.steps, seed=job.seed,
+                   num_images=num_images, height=config.height, width=config.width, device=device,
+                   dtype=config.dtype, scheduler=config.scheduler)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_jobs(config: SweepConfig, device: str) -> None:
+    """Everything `runs.check` can say, once per (concept, sampler point), and every
+    prompt of every concept: all before the first image."""
+    from .prompts import prompt_pair
+    from .runs import check
+
+    for c in config.concepts:
+        for template in c.prompts:
+            prompt_pair(template, c.phrase, c.superclass)
+        for point in config.points:
+            try:
+                check(request_for(config, Job(c, c.prompts[0], point, config.seeds[0]), device,
+                                  config.images_per_prompt))
+            except UserError as e:
+                raise UserError(f"concept {c.name!r}, sampler {point.sampler} {point.label}: {e}") from None
+
+
+def process_state(device: str):
+    """accelerate's view of the processes (one, unless started by `accelerate launch`)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    # Processes that finish their share wait at the final barrier for the slowest one;
+    # the default timeout (minutes) is far too short for a sweep of thousands of images.
+    return PartialState(cpu=device == "cpu", timeout=timedelta(hours=float(os.environ.get(
+        "PERSONALIZE_SWEEP_TIMEOUT_HOURS", "72"))))
+
+
+def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True, fail_after: int | None = None) -> Summary:
+    """Compute the missing rows of `config` into `out`. `fail_after` (tests) raises after
+    that many images were generated, before their rows are written, like a crash."""
+    from .metrics import load_metric_models
+
+    started = time.perf_counter()
+    out = Path(out)
+    check_out(out)
+    device = resolve_device(config.device)
+    check_jobs(config, device)
+    state = process_state(device)  # sets this process's GPU before anything is loaded
+    metric_device = str(state.device) if device == "cuda" else device
+    models = load_metric_models(replace(config.metrics, device=metric_device))
+    out.mkdir(parents=True, exist_ok=True)
+    check_lock(out, lock_settings(config, models.describe()), write=state.is_main_process)
+
+    done, _ = existing_rows(out)
+    state.wait_for_everyone()  # nobody writes a row before every process has read the same `done`
+    jobs, n = jobs_of(config), config.images_per_prompt
+    todo = [(j, missing) for j in jobs if (missing := [k for k in range(n) if j.key(k) not in done])]
+    mine = todo[state.process_index::state.num_processes]  # round-robin: shares of equal cost
+    summary = Summary(jobs=len(jobs), done_before=len(done), out=str(out), random_weights=models.random_weights)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{uuid.uuid4().hex[:8]}.csv"
+    part = PartWriter(out / PARTS / name)
+    bar = _progress(sum(len(m) for _, m in mine), progress and state.is_main_process, state)
+    cache = {}
+    try:
+        for job, missing in mine:
+            _release_other_pipelines(job.concept.model or config.model)
+            rows = run_job(config, job, missing, device, models, cache, out)
+            summary.images += len(missing)
+            if fail_after is not None and summary.images >= fail_after:
+                raise RuntimeError(f"sweep: stopped after {summary.images} images (fail_after, a test hook)")
+            part.write(rows)
+            bar.update(len(missing))
+    finally:
+        bar.close()
+        part.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        summary.rows = merge(out, [j.key(k) for j in jobs for k in range(n)])
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _progress(total: int, enabled: bool, state):
+    from tqdm.auto import tqdm
+
+    desc = "sweep" if state.num_processes == 1 else f"sweep (process 1 of {state.num_processes}, its share)"
+    # unit "img": tqdm shows images per second and the time left.
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def _release_other_pipelines(model: str | None) -> None:
+    """Concepts with their own pipeline (DreamBooth folders) come one after another in the
+    grid: drop the pipelines of the others from loading.py's cache, or thirty of them
+    would fill the GPU. (loading.py has no public call for this yet.)"""
+    from . import loading
+
+    cache = getattr(loading, "_cache", None)
+    if not isinstance(cache, dict) or model is None:
+        return
+    keep = loading.check_model(model)
+    stale = [key for key in cache if key[0] != keep]
+    for key in stale:
+        del cache[key]
+    if stale:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_job(config: SweepConfig, job: Job, missing: list[int], device: str, models, cache: dict,
+            out: Path) -> list[dict]:
+    """One job: its images in one batch, the missing ones saved and scored, their rows."""
+    from .runs import check, execute
+
+    n = config.images_per_prompt
+    result, card = execute(check(request_for(config, job, device, n)))
+    folder = Path("images") / job.concept.name / job.point.sampler / job.point.label / prompt_slug(job.prompt)
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"s{job.seed}_{k:02d}.png" for k in missing]
+    for k, path in zip(missing, paths):
+        result.images[k].save(out / path)
+    texts, scores = score(models, job, [result.images[k] for k in missing], cache)
+    base = {
+        "concept": job.concept.name, "prompt": job.prompt, "seed": job.seed, "sampler": job.point.sampler,
+        "params": job.point.params, "point": job.point.label, "rows": card["denoiser_rows"] // n,
+        "seconds": repr(card["seconds"] / n), "steps": config.steps, "model": card["model"],
+        "concept_weights": job.concept.weights or "", "concept_phrase": job.concept.phrase,
+        "superclass": job.concept.superclass, "ts_prompt": texts[0], "ts_class_prompt": texts[1],
+        "metric_models": models.describe(), "random_weights": str(models.random_weights).lower(), "dino": "",
+    }
+    return [dict(base, image=k, image_path=path.as_posix(), **{m: repr(v[i]) for m, v in scores.items()})
+            for i, (k, path) in enumerate(zip(missing, paths))]
+
+
+def score(models, job: Job, images: list, cache: dict) -> tuple[tuple[str, str], dict[str, list[float]]]:
+    """The TS texts (concept phrase removed; class noun in its place) and the per-image
+    scores. Reference and text embeddings are computed once per process."""
+    from .metrics import image_scores
+    from .prompts import prompt_pair, remove_concept
+
+    with_class = prompt_pair(job.prompt, job.concept.phrase, job.concept.superclass).superclass
+    texts = (remove_concept(job.prompt), with_class)
+    ref_clip, ref_dino = reference_embeddings(models, job.concept, cache)
+    ts, ts_class = text_embeddings(models, texts, cache)
+    scores = image_scores(models.clip_images(images), ref_clip, ts, ts_class, models.dino_images(images), ref_dino)
+    return texts, scores
+
+
+def reference_embeddings(models, concept: Concept, cache: dict):
+    key = ("refs", concept.name)
+    if key not in cache:
+        from PIL import Image
+
+        images = []
+        for path in concept.references:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        cache[key] = (models.clip_images(images), models.dino_images(images))
+    return cache[key]
+
+
+def text_embeddings(models, texts: tuple[str, ...], cache: dict) -> list:
+    missing = [t for t in dict.fromkeys(texts) if ("text", t) not in cache]
+    if missing:
+        for t, e in zip(missing, models.clip_texts(missing)):
+            cache[("text", t)] = e
+    return [cache[("text", t)] for t in texts]
+
+
+def prompt_slug(prompt: str) -> str:
+    """A folder name for a prompt: its words, shortened, plus a hash so two prompts never
+    share a folder."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower().replace("{}", "X")).strip("-")[:48].strip("-")
+    return f"{words}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="the sweep YAML file")
+    parser.add_argument("--out", required=True, help="the sweep folder (results.csv, images/); run again to resume")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | mps (default: the config's, else cuda when available)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32 | float16 | bfloat16 (default: the config's, else float32)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config, count the work, generate nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def command(args) -> int:
+    config = load_config(args.config, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    if args.dry_run:
+        print(dry_run(config, out))
+        return 0
+    try:
+        summary = run_sweep(config, out, progress=not args.no_progress)
+    finally:
+        _end_processes()
+    if summary.rows:  # the main process, after the merge
+        note = "; metrics from RANDOM-WEIGHT models: not the study's numbers" if summary.random_weights else ""
+        print(f"{summary.rows} rows in {out / RESULTS} ({summary.rows - summary.done_before} new, "
+              f"{summary.seconds:.1f} s){note}", file=sys.stderr)
+    return 0
+
+
+def dry_run(config: SweepConfig, out: Path) -> str:
+    """Check everything a run checks before its first image, and count the work."""
+    check_out(out)
+    check_jobs(config, resolve_device(config.device))
+    done, _ = existing_rows(out) if out.is_dir() else ({}, [])
+    jobs, n = jobs_of(config), config.images_per_prompt
+    missing = sum(j.key(k) not in done for j in jobs for k in range(n))
+    return (f"{len(config.concepts)} concept(s), {len(config.points)} sampler point(s), {len(config.seeds)} "
+            f"seed(s), {n} image(s) per prompt: {len(jobs) * n} images, {missing} still to compute")
+
+
+def _end_processes() -> None:
+    """Leave the process group of `accelerate launch` cleanly (torch warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
