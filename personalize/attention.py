@@ -1,16 +1,18 @@
 """Attention processors for the samplers that reach inside the denoiser.
 
-`AttentionHooks` installs `StudyAttnProcessor` on the denoiser's attention layers and
+`AttentionHooks` installs `StudyAttnProcessor` on the denoiser's attention layers (a
+UNet's or a PixArt transformer's; all of them use diffusers' `Attention`) and
 restores the original processors on exit, also when the run raised. Before each denoiser
 call the loop calls `begin(step_index, step, images)`: the processors never count calls.
 
 - Masked sampling: in cross-attention layers, the attention probabilities of ONE key
   position (the concept identifier) for the rows of the mask's source branch, averaged
-  over heads; only that (images, queries) map is kept, never a full attention matrix.
+  over heads, with the layer's attention mask (PixArt's text padding) applied as in the
+  layer itself; only that (images, queries) map is kept, never a full attention matrix.
 - Photoswap: the concept-conditional rows take the superclass-conditional rows' queries
-  and keys (a swapped attention map is attention with the other branch's queries and
-  keys over this branch's values, so fused attention still serves), or their output
-  features.
+  and keys, and attention mask where there is one (a swapped attention map is attention
+  with the other branch's queries and keys over this branch's values, so fused attention
+  still serves), or their output features.
 
 Everything else is diffusers' `AttnProcessor2_0`, scaled-dot-product attention included.
 """
@@ -27,7 +29,7 @@ from .samplers import C, S, Step
 
 
 class AttentionHooks:
-    """Context manager: `with AttentionHooks(unet, capture=..., swap=..., token_index=...) as hooks`.
+    """Context manager: `with AttentionHooks(denoiser, capture=..., swap=..., token_index=...) as hooks`.
 
     With neither `capture` nor `swap` it installs nothing.
     """
@@ -101,11 +103,18 @@ class AttentionHooks:
         return (total / len(self.maps))[:, 0]
 
 
-def token_attention(query: torch.Tensor, key: torch.Tensor, token: int, scale: float) -> torch.Tensor:
-    """`softmax(Q K^T * scale)` at one key position, averaged over heads.
+def token_attention(query: torch.Tensor, key: torch.Tensor, token: int, scale: float,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`softmax(Q K^T * scale + bias)` at one key position, averaged over heads.
 
-    query (b, heads, queries, d), key (b, heads, keys, d) -> (b, queries)."""
+    query (b, heads, queries, d), key (b, heads, keys, d), bias broadcasting to
+    (b, heads, queries, keys) as scaled-dot-product attention's mask (float: added to the
+    logits; bool: True attends) -> (b, queries)."""
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None and bias.dtype == torch.bool:  # True: attend, as in scaled-dot-product attention
+        logits = logits.masked_fill(~bias, float("-inf"))
+    elif bias is not None:
+        logits = logits + bias.float()
     return logits.softmax(dim=-1)[..., token].mean(dim=1)
 
 
@@ -157,9 +166,14 @@ class StudyAttnProcessor:
             concept, superclass = hooks.rows_of(C), hooks.rows_of(S)
             query, key = query.clone(), key.clone()
             query[concept], key[concept] = query[superclass], key[superclass]
+            if attention_mask is not None:
+                attention_mask = attention_mask.clone()
+                attention_mask[concept] = attention_mask[superclass]
         if self.cross and step is not None and step.mask is not None:
             rows = hooks.rows_of(step.mask.source)
-            hooks.record(self.name, token_attention(query[rows], key[rows], hooks.token_index, head_dim ** -0.5))
+            bias = attention_mask[rows] if attention_mask is not None else None
+            hooks.record(self.name, token_attention(query[rows], key[rows], hooks.token_index, head_dim ** -0.5,
+                                                    bias))
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False

@@ -3,11 +3,13 @@
 It follows a sampler's per-step plan (`samplers.plan`): each step evaluates only the
 rows the plan names, all in one batched denoiser call, and combines them with the
 pure rules of `guidance.py`. Attention work (mask maps, Photoswap) happens in the
-processors of `attention.py`, which the loop tells the step index explicitly.
+processors of `attention.py`, which the loop tells the step index explicitly. What
+differs between pipeline families (SD, SD-XL, PixArt-alpha) is in `backbones.py`.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import guidance
 from .attention import AttentionHooks
+from .backbones import Backbone, Conditioning, backbone, batch_conditioning
 from .errors import UserError
-from .prompts import PromptPair, concept_token_index
+from .prompts import PromptPair
 from .samplers import C, S, U, SamplerConfig, Step, plan
 
 
@@ -46,21 +49,21 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
         concept_phrase: str | None = None, callback: StepCallback | None = None,
         stop: threading.Event | None = None, decode: bool = True) -> RunResult:
     """Sample `num_images` images of `prompts` with the sampler `config` on a diffusers
-    Stable Diffusion pipeline `pipe` (its components only; its own loop is not used).
+    pipeline `pipe` of a supported family (SD 1.x/2.x, SD-XL, PixArt-alpha; see
+    `backbones.py`), from its components only: its own loop is not used.
 
     `callback` receives after every step a dict of named tensors: `step`, `timestep`,
     `latents` (after the step), `noise_pred` (the guided prediction), `predictions`
     (branch name -> prediction) and, for masked sampling, `attention` and `mask`.
     """
     started = time.perf_counter()
+    model = backbone(pipe)
     # 1. Check inputs
     if num_images < 1:
         raise UserError(f"--num-images: {num_images} must be at least 1")
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for name, v in (("--height", height), ("--width", width)):
-        if v % pipe.vae_scale_factor or v <= 0:
-            raise UserError(f"{name}: {v} must be a positive multiple of {pipe.vae_scale_factor}")
+    default_height, default_width = model.default_size()
+    height, width = height or default_height, width or default_width
+    model.check_size(height, width)
     steps = plan(config)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a fresh state for each run
     if config.name == "profusion":
@@ -69,32 +72,35 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
     needs_swap = any(s.swap for s in steps)
     token_index = None
     if needs_mask or needs_swap:
-        token_index = concept_token_index(pipe.tokenizer, prompts.concept, concept_phrase) if concept_phrase else None
+        token_index = model.token_index(prompts.concept, concept_phrase) if concept_phrase else None
         if needs_mask and token_index is None:
             raise UserError("masked sampling needs the concept phrase to find its token in the prompt")
 
-    device, dtype = pipe.unet.device, pipe.unet.dtype
     generator = torch.Generator("cpu").manual_seed(seed)
 
     with torch.inference_mode():
         # 2. Encode the prompts the plan uses
-        used = {b for s in steps for b in s.rows + (s.fusion.rows if s.fusion else ())}
+        used = [b for b in (U, C, S) if any(b in s.rows + (s.fusion.rows if s.fusion else ()) for s in steps)]
         texts = {U: negative_prompt, C: prompts.concept, S: prompts.superclass}
-        embeds = {b: encode(pipe, texts[b], device) for b in used}
+        conds = {b: model.encode(texts[b], negative=b == U, size=(height, width)) for b in used}
 
         # 3. Prepare timesteps
-        scheduler.set_timesteps(config.steps, device=device)
+        scheduler.set_timesteps(config.steps, device=model.device)
         timesteps = scheduler.timesteps
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        output_index = model.step_output(len(timesteps))
 
         # 4. Prepare latents exactly as diffusers' pipeline draws them
-        latents = pipe.prepare_latents(num_images, pipe.unet.config.in_channels, height, width,
-                                       embeds[next(iter(used))].dtype, device, generator)
-        latents_s = latents.clone() if needs_swap else None  # Photoswap's superclass trajectory
+        dtype = conds[used[0]]["encoder_hidden_states"].dtype
+        latents = model.prepare_latents(num_images, height, width, dtype, generator)
+        # Photoswap's superclass trajectory, with its own scheduler state (multistep schedulers
+        # keep a history per trajectory)
+        latents_s = latents.clone() if needs_swap else None
+        scheduler_s = copy.deepcopy(scheduler) if needs_swap else None
 
         # 5. Denoising loop
         total_rows, step_rows = 0, []
-        hooks = AttentionHooks(pipe.unet, capture=needs_mask, swap=needs_swap, token_index=token_index)
+        hooks = AttentionHooks(model.denoiser, capture=needs_mask, swap=needs_swap, token_index=token_index)
         with hooks:
             for i, t in enumerate(timesteps):
                 if stop is not None and stop.is_set():
@@ -102,20 +108,19 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
                 step = steps[i]
                 rows_before = total_rows
                 if step.fusion:
-                    latents, n_rows = fuse(pipe.unet, scheduler, step, i, t, latents, embeds, generator, hooks)
+                    latents, n_rows = fuse(model, scheduler, step, i, t, latents, conds, generator, hooks)
                     total_rows += n_rows
                 if latents_s is not None and not step.swap:
-                    latents_s = None  # the superclass trajectory is no longer read
+                    latents_s = scheduler_s = None  # the superclass trajectory is no longer read
                 x = torch.cat([latents, latents, latents_s, latents_s]) if step.swap else None
                 hooks.begin(i, step, num_images)
-                e = predict(pipe.unet, scheduler, t, latents if x is None else x, step.rows, embeds,
-                            repeat=x is None)
+                e = predict(model, scheduler, t, latents if x is None else x, step.rows, conds, repeat=x is None)
                 total_rows += len(step.rows) * num_images
                 attention = mask = None
                 if step.swap:
-                    noise = torch.cat([guide(e[:2], {C: step.weights[C]}),
-                                       guide(e[2:], {S: step.weights_s[S]})])
-                    latents_in = torch.cat([latents, latents_s])
+                    noise = guide(e[:2], {C: step.weights[C]})
+                    latents_s = advance(scheduler_s, guide(e[2:], {S: step.weights_s[S]}), t, latents_s,
+                                        extra_step_kwargs, output_index)
                 else:
                     named = dict(zip(step.rows, e))
                     noise = guide(named, step.weights)
@@ -123,12 +128,7 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
                         attention = hooks.attention_map(latents.shape[-2:])
                         mask = guidance.quantile_mask(attention, step.mask.q)
                         noise = guidance.masked(noise, guide(named, step.outside), mask)
-                    latents_in = latents
-                stepped = scheduler.step(noise, t, latents_in, **extra_step_kwargs, return_dict=False)[0]
-                if step.swap:
-                    latents, latents_s = stepped.chunk(2)
-                else:
-                    latents = stepped
+                latents = advance(scheduler, noise, t, latents, extra_step_kwargs, output_index)
                 step_rows.append(total_rows - rows_before)
                 if callback is not None:
                     callback({"step": i, "timestep": t, "latents": latents, "noise_pred": noise,
@@ -136,8 +136,15 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
                               "rows": step.rows})
 
         # 6. Decode
-        images = decode_latents(pipe, latents, generator) if decode else []
+        images = model.decode(latents, generator) if decode else []
     return RunResult(images, latents, total_rows, time.perf_counter() - started, token_index, step_rows)
+
+
+def advance(scheduler, noise, t, latents, extra_step_kwargs: dict, output_index: int = 0) -> torch.Tensor:
+    """One scheduler step; `output_index` picks the element of its output tuple (see
+    `Backbone.step_output`)."""
+    out = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)
+    return out[min(output_index, len(out) - 1)]
 
 
 def guide(e, weights: dict) -> torch.Tensor:
@@ -149,21 +156,15 @@ def guide(e, weights: dict) -> torch.Tensor:
     return guidance.guide(e.get(U), {b: (e[b], w) for b, w in weights.items()})
 
 
-def encode(pipe, text: str, device) -> torch.Tensor:
-    """One prompt's text embedding, through the pipeline's own `encode_prompt`."""
-    embeds, _ = pipe.encode_prompt(text, device, 1, False)
-    return embeds
-
-
-def predict(unet, scheduler, t, latents, rows, embeds, *, repeat: bool = True) -> list[torch.Tensor]:
+def predict(model: Backbone, scheduler, t, latents, rows, conds: dict[str, Conditioning], *,
+            repeat: bool = True) -> list[torch.Tensor]:
     """One batched denoiser call over `rows` (branch names); returns one prediction per row
     group. With `repeat`, `latents` are shared by all row groups; otherwise `latents`
     already holds one block per row group."""
     n = latents.shape[0] if repeat else latents.shape[0] // len(rows)
     x = torch.cat([latents] * len(rows)) if repeat else latents
     x = scheduler.scale_model_input(x, t)
-    context = torch.cat([embeds[b].expand(n, -1, -1) for b in rows])
-    out = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    out = model(x, t, batch_conditioning([conds[b] for b in rows], n))
     return list(out.chunk(len(rows)))
 
 
@@ -183,7 +184,8 @@ def previous_alpha(scheduler, i: int) -> float:
     return float(scheduler.final_alpha_cumprod)
 
 
-def fuse(unet, scheduler, step: Step, i: int, t, latents, embeds, generator, hooks) -> tuple[torch.Tensor, int]:
+def fuse(model: Backbone, scheduler, step: Step, i: int, t, latents, conds, generator,
+         hooks) -> tuple[torch.Tensor, int]:
     """ProFusion's fusion step (see `guidance.fusion_update`); returns the new latents and
     the rows it evaluated."""
     fusion = step.fusion
@@ -192,7 +194,7 @@ def fuse(unet, scheduler, step: Step, i: int, t, latents, embeds, generator, hoo
     rows = 0
     for _ in range(fusion.repeats):
         hooks.begin(i, None, latents.shape[0])
-        e = dict(zip(fusion.rows, predict(unet, scheduler, t, latents, fusion.rows, embeds)))
+        e = dict(zip(fusion.rows, predict(model, scheduler, t, latents, fusion.rows, conds)))
         rows += len(fusion.rows) * latents.shape[0]
         e_tilde = guide(e, fusion.weights)
         z = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -201,5 +203,4 @@ def fuse(unet, scheduler, step: Step, i: int, t, latents, embeds, generator, hoo
 
 
 def decode_latents(pipe, latents, generator) -> list:
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+    return backbone(pipe).decode(latents, generator)

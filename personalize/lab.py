@@ -236,11 +236,12 @@ class Lab:
 
 
 def default_size(model: str) -> int:
-    """The image size a model was made for (its UNet's sample size times 8)."""
-    import json
-    config = Path(model) / "unet" / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text()).get("sample_size", 64)) * 8
+    """The image size a model folder was made for (its denoiser's sample size times 8),
+    read without loading the model; 512 (the study's SD 2 base) for hub ids."""
+    for part in ("unet", "transformer"):
+        config = Path(model) / part / "config.json"
+        if config.is_file():
+            return int(json.loads(config.read_text()).get("sample_size", 64)) * 8
     return 512
 
 

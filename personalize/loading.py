@@ -53,8 +53,11 @@ def check_model(model: str) -> str:
 
 
 def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", scheduler: str = "model"):
-    """The Stable Diffusion pipeline at `model`, cached per (model, device, dtype, scheduler)."""
+    """The pipeline at `model` (SD 1.x/2.x, SD-XL or PixArt-alpha; see `backbones.py`),
+    cached per (model, device, dtype, scheduler): a process loads each model once."""
     from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from .backbones import SUPPORTED, backbone
 
     model = check_model(model)
     torch_device, torch_dtype = check_device(device, dtype)
@@ -64,12 +67,16 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", sc
     if key in _cache:
         return _cache[key]
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None)
+        index = DiffusionPipeline.load_config(model)
+        extra = {"safety_checker": None} if "safety_checker" in index else {}  # SD 1.x/2.x folders only
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model: could not load {model}: {first}") from None
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
-        raise UserError(f"--model: {model} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
+    try:
+        backbone(pipe)
+    except UserError:
+        raise UserError(f"--model: {model} is a {type(pipe).__name__}; supported pipelines: {SUPPORTED}") from None
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

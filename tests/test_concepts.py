@@ -43,11 +43,8 @@ def assert_unchanged(p, before: dict) -> None:
 def flush_denormals():
     """Random weights underflow to denormal floats, which the CPU computes many times
     slower; every pipeline here runs under the same setting, so comparisons hold."""
-    threads = torch.get_num_threads()
     torch.set_flush_denormal(True)
-    torch.set_num_threads(1)  # these tiny layers run faster on one thread than on two sharing work
     yield
-    torch.set_num_threads(threads)
     torch.set_flush_denormal(False)
 
 
