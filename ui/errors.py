@@ -7,4 +7,4 @@ import gradio as gr
 
 
 def shown(error: Exception) -> gr.Error:
-    return gr.Error(html.escape(str(error)), print_exception=False)
+    return gr.Error(html.escape(str(error), quote=False), print_exception=False)
