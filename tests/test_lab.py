@@ -78,3 +78,19 @@ def test_make_concept_checks_input(lab, tmp_path):
         lab.make_concept("sks dog", "dog", references=[str(not_image)])
     concept = lab.make_concept("sks cat", "cat")
     assert concept.phrase == "sks cat" and concept.references == lab.default_concept.references
+
+
+def test_uploaded_concept_is_used_by_the_run(lab, tmp_path):
+    """A textual-inversion upload becomes the session's concept, and its run applies it."""
+    import torch
+    from safetensors.torch import save_file
+
+    file = tmp_path / "learned_embeds.safetensors"
+    save_file({"<my-toy>": torch.randn(1, 64, generator=torch.Generator().manual_seed(3))}, str(file))
+    concept = lab.make_concept("<my-toy>", "toy", upload=str(file))
+    assert concept.weights == str(file)
+    finished = lab.generate(lab.request(concept, "a photo of a {}", "mixed", {}, steps=2, size=64))
+    assert finished.card["concept"]["format"] == "textual_inversion"
+    assert finished.card["prompts"]["concept"] == "a photo of a <my-toy>"
+    plain = lab.generate(lab.request(lab.default_concept, "a photo of a {}", "mixed", {}, steps=2, size=64))
+    assert plain.card["concept"] is None
