@@ -3,7 +3,6 @@ so that their signatures are exactly the spec's."""
 
 from __future__ import annotations
 
-import json
 
 import gradio as gr
 
@@ -11,22 +10,10 @@ from personalize.errors import UserError
 from personalize.lab import Lab
 from personalize.samplers import SAMPLERS
 
-from .compare import compare_runs
+from .compare import compare_runs, parse_json_object
 from .explore import save_run
 from .gpu import gpu
 from .errors import shown
-
-
-def parse_json_object(text: str, what: str) -> dict:
-    if not text or not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what}: must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def create_api(lab: Lab, state: gr.State):

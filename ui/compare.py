@@ -15,15 +15,22 @@ from .gpu import gpu
 from .errors import shown
 
 
-def parse_params(text: str, samplers: list[str]) -> dict:
-    """The per-sampler parameters of a comparison: a JSON object {sampler: {param: value}}."""
+def parse_json_object(text: str, what: str) -> dict:
     if not text or not text.strip():
         return {}
     try:
-        params = json.loads(text)
+        value = json.loads(text)
     except ValueError as e:
-        raise UserError(f"parameters: not valid JSON ({e})") from None
-    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise UserError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_params(text: str, samplers: list[str]) -> dict:
+    """The per-sampler parameters of a comparison: a JSON object {sampler: {param: value}}."""
+    params = parse_json_object(text, "parameters")
+    if not all(isinstance(v, dict) for v in params.values()):
         raise UserError('parameters: give a JSON object like {"mixed": {"w_s": 2}}')
     extra = sorted(set(params) - set(samplers))
     if extra:
