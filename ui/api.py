@@ -3,7 +3,6 @@ so that their signatures are exactly the spec's."""
 
 from __future__ import annotations
 
-
 import gradio as gr
 
 from personalize.errors import UserError
