@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import gradio as gr
 
+from personalize.errors import UserError
 from personalize.lab import Lab
 from ui.api import create_api
 from ui.compare import create_compare
@@ -21,12 +23,20 @@ from ui.guide import create_guide
 from ui.session import Session
 
 
-def build_app(lab: Lab) -> gr.Blocks:
+def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
+    """The app; with `study_dir`, also that user study's tab (first) and endpoints."""
+    study = None
+    if study_dir is not None:
+        from personalize.study import Study
+        study = Study(study_dir)
     with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
         gr.Markdown("# personalize\nWhich sampler gives your fine-tuned concept the best balance of concept "
                     "fidelity and prompt following?")
         state = gr.State(Session(copy.deepcopy(lab.default_concept)))
         with gr.Tabs():
+            if study is not None:
+                from ui.study_tab import create_study
+                create_study(study)
             parts = create_explore(lab, state)
             create_compare(lab, state, parts["chart"])
             create_concept(lab, state, parts["references"])
@@ -50,16 +60,26 @@ def parse_args(argv=None):
     p.add_argument("--host", default=None, help="default: 127.0.0.1, or GRADIO_SERVER_NAME (Spaces)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true")
+    p.add_argument("--study", default=None, metavar="STUDY_DIR", help="also serve this pairwise user study "
+                   "(`python -m personalize study build/demo`); its report needs PERSONALIZE_ADMIN_PASSWORD")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    lab = Lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase, superclass=args.superclass,
-              device=args.device, dtype=args.dtype)
-    demo = build_app(lab)
+    try:
+        lab = Lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
+                  superclass=args.superclass, device=args.device, dtype=args.dtype)
+        demo = build_app(lab, study_dir=args.study)
+        served = lab.served_folders()
+        if args.study:
+            from personalize.study import served_folders
+            served += served_folders(args.study)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=lab.served_folders())
+                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=served)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import runs
 from .errors import UserError
-from .loading import read_concept_json
+from .loading import check_model, read_concept_json
 from .preview import latents_to_rgb, map_to_image
 
 STUDY_MODEL = "stabilityai/stable-diffusion-2-base"  # the study's base model
@@ -80,6 +80,7 @@ class Lab:
             from .demo_model import ensure_demo_model
             model = str(ensure_demo_model())
             self.demo = True
+        model = check_model(model)
         self.model, self.device, self.dtype = model, device, dtype
         meta = read_concept_json(model) if Path(model).is_dir() else None
         meta = meta or {}

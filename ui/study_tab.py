@@ -64,14 +64,15 @@ def create_study(study: Study):
                   for k, q in enumerate(QUESTIONS, 1)]
         submit = gr.Button("Submit and next", variant="primary", elem_id="study-submit")
         with gr.Accordion("Admin: results", open=False):
-            password = gr.Textbox(label="Admin password", type="password")
+            admin_password = gr.Textbox(label="Admin password", type="password")
             show = gr.Button("Show the report")
             report_text = gr.Code(label="Report", language=None, elem_id="study-report")
             report_json = gr.JSON(label="Report (JSON)")
             export = gr.File(label="All answers (CSV)")
+        api = gr.Column(visible=False)  # inside the tab: gr.Tabs takes only tabs
 
     # The web API: inputs and outputs exactly as interfaces.md lists them.
-    with gr.Column(visible=False):
+    with api:
         api_participant = gr.Textbox(label="participant id")
         api_task = gr.Textbox(label="task id")
         api_answers = [gr.Textbox(label=f"answer {k}: {QUESTION_TEXT[q]}") for k, q in enumerate(QUESTIONS, 1)]
@@ -105,9 +106,9 @@ def create_study(study: Study):
             raise shown(e) from None
         return (*outputs, *[None] * len(QUESTIONS))
 
-    def admin(password_):
+    def admin(password):
         try:
-            report = study.admin_report(password_)
+            report = study.admin_report(password)
         except UserError as e:
             raise shown(e) from None
         path = os.path.join(tempfile.mkdtemp(prefix="personalize-study-"), "answers.csv")
@@ -119,7 +120,7 @@ def create_study(study: Study):
           concurrency_id="study", concurrency_limit=16)
     submit.click(answer, [stored_id, current, *radios], [*shown_task, *radios], api_visibility="private",
                  concurrency_id="study", concurrency_limit=16)
-    show.click(admin, [password], [report_text, report_json, export], api_visibility="private",
+    show.click(admin, [admin_password], [report_text, report_json, export], api_visibility="private",
                concurrency_id="study_report", concurrency_limit=1)
 
     def study_task(participant):
@@ -141,11 +142,11 @@ def create_study(study: Study):
         except UserError as e:
             raise shown(e) from None
 
-    def study_report(password_):
+    def study_report(password):
         """The report (admin password required): answers, participants, and per pair and
         question wins, losses, ties, win rate and intervals, plus rankings and quality checks."""
         try:
-            return study.admin_report(password_)
+            return study.admin_report(password)
         except UserError as e:
             raise shown(e) from None
 

@@ -1,0 +1,29 @@
+"""The user-study tests' shared material: `study demo` run once per test session (its
+tiny sweep on the demo model is the slow part), and fresh copies of it."""
+
+import shutil
+from pathlib import Path
+
+from personalize.cli import main
+
+_made: dict = {}
+
+
+def demo_study(tmp_path_factory) -> dict:
+    """{"model": demo model folder, "study": a study made by `study demo`, "sweep": its sweep}."""
+    if not _made:
+        from personalize.demo_model import write_demo_model
+
+        root = tmp_path_factory.mktemp("study-demo")
+        model = write_demo_model(root / "model", references=2, steps=2)
+        assert main(["study", "demo", str(root / "study"), "--model", str(model)]) == 0
+        _made.update(model=model, study=root / "study", sweep=root / "study" / "sweep")
+    return _made
+
+
+def fresh_copy(study: Path, dest: Path) -> Path:
+    """The same tasks and images with no answers (a new answers file)."""
+    dest.mkdir(parents=True)
+    shutil.copy(study / "tasks.json", dest / "tasks.json")
+    shutil.copytree(study / "media", dest / "media")
+    return dest
