@@ -5,8 +5,9 @@ so it can run the real Stable Diffusion 2 base architecture (or a smaller one on
 without downloading anything:
 
 - `mid`: SD's layout (four levels, two layers per block, cross-attention at the three
-  finest levels, 64-wide heads) at 0.3x SD's width, 256 px: the denoiser dominates the
-  time and a whole CPU benchmark takes minutes, not hours.
+  finest levels, linear projections) at 1/5 of SD's width (a 36M-parameter UNet), 256 px,
+  with a small VAE and text encoder: the denoiser dominates the time and a whole CPU
+  benchmark takes minutes, not hours.
 - `sd2`: stabilityai/stable-diffusion-2-base exactly (UNet 865.9M parameters, OpenCLIP
   ViT-H text encoder without its last layer, the SD VAE), for real-size GPU timings.
 - `demo`: the offline demo model of `demo_model.py` (tiny; for tests).
@@ -53,13 +54,13 @@ SD2 = Architecture(
 )
 
 MID = Architecture(
-    "mid", "mid-size Stable Diffusion architecture (SD layout, 0.3x width), random weights",
+    "mid", "mid-size Stable Diffusion architecture (SD layout, 1/5 width, 36M-parameter UNet), random weights",
     unet={"sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-          "block_out_channels": (96, 192, 384, 384), "down_block_types": SD_DOWN, "up_block_types": SD_UP,
-          "attention_head_dim": (1, 3, 6, 6), "cross_attention_dim": 512, "use_linear_projection": True},
+          "block_out_channels": (64, 128, 256, 256), "down_block_types": SD_DOWN, "up_block_types": SD_UP,
+          "attention_head_dim": (2, 4, 8, 8), "cross_attention_dim": 512, "use_linear_projection": True},
     # A small VAE and text encoder: they run once per image, the denoiser once per row.
     vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 256, "layers_per_block": 1,
-         "block_out_channels": (32, 64, 128, 128), **SD_VAE_BLOCKS},
+         "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 16, **SD_VAE_BLOCKS},
     text_encoder={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6,
                   "num_attention_heads": 8, "hidden_act": "gelu", "projection_dim": 512, **CLIP_TOKENS},
 )
@@ -99,7 +100,10 @@ def build_pipeline(arch: Architecture, *, device="cpu", dtype=torch.float32, see
                                        scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    pipe.to(device)
+    if dtype != torch.float32:  # weights are initialised in float32 (not every init op exists in half)
+        pipe.to(dtype=dtype)
+    return pipe
 
 
 def ddim_scheduler():

@@ -41,17 +41,9 @@ def test_json_has_the_interface_keys(report):
 def test_rows_are_the_plans_rows(report):
     assert report["diffusers"]["rows"] == 2 * STEPS  # classifier-free guidance: [u, C] every step
     for name, entry in report["samplers"].items():
-        params = bench.bench_params(name, STEPS)
-        assert entry["params"] == params
-        assert entry["rows"] == total_rows(plan(configure(name, params, STEPS)))
-
-
-def test_bench_params_are_the_defaults_at_50_steps_and_scale_with_steps():
-    for name in SAMPLERS:
-        assert configure(name, bench.bench_params(name, 50), 50) == configure(name, {}, 50)
-    assert bench.bench_params("photoswap", 10) == {"t_sf": 1, "t_cm": 3, "t_sm": 4}
-    assert bench.bench_params("masked", 2) == {"t_sw": 1}  # the first stage keeps a step
-    assert bench.bench_params("mixed", 10) == {}
+        config = configure(name, {}, STEPS)  # the defaults, step counts scaled to the run
+        assert entry["params"] == dict(config.params)
+        assert entry["rows"] == total_rows(plan(config))
 
 
 def test_ratios_are_computed_from_the_reported_medians(report):
@@ -83,6 +75,7 @@ def test_table_names_every_method_and_target(report):
     (["--size", "100"], "--size: 100 must be a positive multiple of 8"),
     (["--samplers", "concept,nope"], "--samplers: 'nope' is not a sampler"),
     (["--steps", "0"], "--steps: 0 must be at least 1"),
+    (["--threads", "0"], "--threads: 0 must be at least 1"),
     (["--dtype", "float64"], "--dtype"),
 ])
 def test_bad_options_are_one_line_errors(capsys, extra, message):
