@@ -187,3 +187,12 @@ def test_page_bad_input_shows_message_and_keeps_serving(page, tmp_path):
     prompt.fill(PROMPT)
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
+
+
+def test_page_history_reloads_into_the_sliders(page):
+    page.get_by_role("tab", name="Explore").click()
+    choose_sampler(page, "concept")
+    page.locator("#history").scroll_into_view_if_needed()
+    page.get_by_label("Run #").fill("2")  # the masked run of test_page_masked_shows_attention_and_mask
+    page.get_by_text("Load run into the sliders").click()
+    page.wait_for_function("document.querySelector('#sampler input').value === 'masked'", timeout=30_000)

@@ -8,6 +8,7 @@ import tempfile
 
 import gradio as gr
 
+from personalize.engine import Stopped
 from personalize.errors import UserError
 from personalize.lab import Finished, Lab
 from personalize.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
@@ -59,7 +60,7 @@ def create_explore(lab: Lab, state: gr.State):
                         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                         randomize = gr.Checkbox(value=False, label="Randomize seed")
                     negative = gr.Textbox(value="", label="Negative prompt")
-                    size = gr.Slider(64, 1024, value=lab.default_size, step=64, label="Image size")
+                    size = gr.Slider(64, 1024, value=lab.default_size, step=64, label="Image size", elem_id="size")
                     num_images = gr.Slider(1, 8, value=1, step=1, label="Images per run")
                 with gr.Row():
                     run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -122,18 +123,20 @@ def create_explore(lab: Lab, state: gr.State):
                         out[attention] = item.attention[0]
                         out[mask] = item.mask[0]
                     yield out
+        except Stopped as e:
+            yield {status: f"Stopped ({e}); the device is free."}
         except UserError as e:
             raise shown(e) from None
 
     inputs = [state, prompt, sampler, negative, steps, seed, size, num_images, *control_list]
     outputs = [gallery, attention, mask, status, card_json, card_file, chart, history, state]
-    event = run_btn.click(draw_seed, [seed, randomize], [seed], queue=False).then(
+    run_btn.click(draw_seed, [seed, randomize], [seed], queue=False).then(
         run, inputs, outputs, concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     def stop(session):
+        # The run checks this event at every step, ends, and says so in the status line.
         session.stop.set()
-        return "Stopped."
-    stop_btn.click(stop, [state], [status], cancels=[event], queue=False, api_visibility="private")
+    stop_btn.click(stop, [state], None, queue=False, api_visibility="private")
 
     def replace_references(session, files):
         try:
