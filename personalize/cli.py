@@ -123,8 +123,8 @@ def cmd_generate(args) -> int:
     prep = check(req)
     recorder = StepRecorder() if args.save_steps else None
     result, card = execute(prep, callback=recorder)
-    card = write_run(args.out, card, result, save_latents=args.save_latents, steps=recorder,
-                     overwrite=args.overwrite)
+    card = write_run(args.out, card, result.images, latents=result.latents if args.save_latents else None,
+                     steps=recorder, overwrite=args.overwrite)
     print(f"{len(card['images'])} image(s), {card['denoiser_rows']} denoiser rows, "
           f"{card['seconds']:.1f} s -> {args.out}")
     return 0

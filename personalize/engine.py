@@ -39,6 +39,7 @@ class RunResult:
     seconds: float
     token_index: int | None = None   # masked / photoswap: position of the concept identifier
     step_rows: list[int] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)   # (height, width) of the images, defaults filled in
 
 
 StepCallback = Callable[[dict], None]
@@ -137,7 +138,8 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
 
         # 6. Decode
         images = model.decode(latents, generator) if decode else []
-    return RunResult(images, latents, total_rows, time.perf_counter() - started, token_index, step_rows)
+    return RunResult(images, latents, total_rows, time.perf_counter() - started, token_index, step_rows,
+                     (height, width))
 
 
 def advance(scheduler, noise, t, latents, extra_step_kwargs: dict, output_index: int = 0) -> torch.Tensor:

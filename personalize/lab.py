@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import runs
 from .errors import UserError
@@ -107,7 +107,6 @@ class Lab:
     # -- concepts -----------------------------------------------------------------------
     def check_references(self, paths: list[str]) -> list[str]:
         """Reference images a user gave: each must open as an image."""
-        from PIL import Image, UnidentifiedImageError
         checked = []
         for path in paths:
             try:
@@ -216,8 +215,6 @@ class Lab:
     def score(self, concept: Concept, images: list, card: dict) -> dict:
         """A copy of the run's card with its mean IS (None without reference images), TS and
         TS-class, and `metrics_random` where the metric model has random weights."""
-        from PIL import Image
-
         from .metrics import MetricSettings, image_scores, load_metric_models
         from .prompts import fill, remove_concept
 
@@ -255,7 +252,6 @@ def check_upload(path: str, *, suffixes: tuple[str, ...], max_mb: int = MAX_UPLO
     if size_mb > max_mb:
         raise UserError(f"{p.name}: {size_mb:.0f} MB is over the upload limit of {max_mb} MB")
     return p
-
 
 
 def session_rows(history: list[dict]) -> list[dict]:

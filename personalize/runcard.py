@@ -75,22 +75,23 @@ class StepRecorder:
         self.masks.append(None if info["mask"] is None else info["mask"][:, 0].cpu().numpy())
 
 
-def write_run(out: str | Path, card: dict, result, *, save_latents: bool = False,
+def write_run(out: str | Path, card: dict, images: list, *, latents=None,
               steps: StepRecorder | None = None, overwrite: bool = False) -> dict:
     """Write a finished run into `out` all at once (a temporary folder moved into place),
-    so a failure leaves nothing half-written. Returns the card with the file names."""
+    so a failure leaves nothing half-written; `latents`, if given, go to latents.npy.
+    Returns the card with the file names."""
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         card = dict(card)
         card["images"] = []
-        for k, image in enumerate(result.images):
+        for k, image in enumerate(images):
             name = f"image_{k:03d}.png"
             image.save(tmp / name)
             card["images"].append(name)
-        if save_latents:
-            np.save(tmp / "latents.npy", result.latents.float().cpu().numpy())
+        if latents is not None:
+            np.save(tmp / "latents.npy", latents.float().cpu().numpy())
             card["latents"] = "latents.npy"
         if steps is not None:
             card["steps_dir"] = _write_steps(tmp / "steps", steps)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from . import engine
-from .backbones import default_size
 from .errors import UserError
 from .loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
 from .prompts import check_template, prompt_pair
@@ -90,8 +89,7 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     result = engine.run(pipe, prep.prompts, prep.config, seed=req.seed, num_images=req.num_images,
                         height=req.height, width=req.width, negative_prompt=req.negative_prompt,
                         concept_phrase=prep.concept_phrase, callback=callback, stop=stop)
-    default_height, default_width = default_size(pipe)
-    height, width = req.height or default_height, req.width or default_width
+    height, width = result.size
     card = run_card(config=prep.config, prompts=prep.prompts, negative_prompt=req.negative_prompt,
                     concept_phrase=prep.concept_phrase, superclass=prep.superclass, seed=req.seed,
                     num_images=req.num_images, height=height, width=width,

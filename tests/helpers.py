@@ -24,3 +24,12 @@ class RowCounter:
 
     def close(self):
         self.handle.remove()
+
+
+def sample(pipe, prompts, name, *, steps, size, seed=0, num_images=1, callback=None, **params):
+    """One run of sampler `name` on the demo concept ("sks dog"), latents only (no decode)."""
+    from personalize.engine import run
+    from personalize.samplers import configure
+
+    return run(pipe, prompts, configure(name, params, steps), seed=seed, num_images=num_images, height=size,
+               width=size, concept_phrase="sks dog", callback=callback, decode=False)

@@ -1,5 +1,7 @@
 """Masked sampling, Photoswap and ProFusion: identities, the hooks themselves, errors."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,14 +12,13 @@ from personalize.engine import run
 from personalize.errors import UserError
 from personalize.prompts import prompt_pair
 from personalize.samplers import C, S, U, Mask, Step, Swap, configure, plan, total_rows
+from tests import helpers
 from tests.helpers import RowCounter, rel_diff
 
 STEPS, SIZE, TOL = 8, 128, 1e-4
 
 
-def sample(pipe, prompts, name, seed=0, num_images=1, callback=None, **params):
-    return run(pipe, prompts, configure(name, params, STEPS), seed=seed, num_images=num_images,
-               height=SIZE, width=SIZE, concept_phrase="sks dog", callback=callback, decode=False)
+sample = functools.partial(helpers.sample, steps=STEPS, size=SIZE)
 
 
 IDENTITIES = [

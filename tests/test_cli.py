@@ -47,6 +47,7 @@ def test_generate_writes_images_and_run_card(demo_dir, tmp_path):
     assert card["prompts"]["concept"] == "a photo of a sks dog on the beach"
     assert card["prompts"]["superclass"] == "a photo of a dog on the beach"
     assert card["seed"] == 3 and card["steps"] == STEPS and card["num_images"] == 2
+    assert card["height"] == card["width"] == 64
     assert card["denoiser_rows"] == total_rows(plan(configure("mixed", {}, STEPS)), 2) == 3 * STEPS * 2
     assert card["versions"]["diffusers"] and card["seconds"] > 0
     latents = np.load(out / "latents.npy")

@@ -1,5 +1,7 @@
 """The denoising loop: diffusers parity, the spec's identities, rows evaluated, callback."""
 
+import functools
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -7,15 +9,14 @@ from diffusers import StableDiffusionPipeline
 from personalize.engine import run
 from personalize.errors import UserError
 from personalize.samplers import configure, plan, total_rows
+from tests import helpers
 from tests.helpers import RowCounter, rel_diff
 
 STEPS, SIZE = 8, 128
 TOL = 1e-4
 
 
-def sample(pipe, prompts, name, seed=0, num_images=1, **params):
-    return run(pipe, prompts, configure(name, params, STEPS), seed=seed, num_images=num_images,
-               height=SIZE, width=SIZE, concept_phrase="sks dog", decode=False)
+sample = functools.partial(helpers.sample, steps=STEPS, size=SIZE)
 
 
 def diffusers_latents(pipe, prompt, w, seed=0, num_images=1, negative_prompt=None):

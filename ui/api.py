@@ -10,7 +10,7 @@ from personalize.lab import Lab
 from personalize.samplers import SAMPLERS
 
 from .compare import compare_runs, parse_json_object
-from .explore import save_run
+from .explore import record_run
 from .gpu import gpu
 from .errors import shown
 
@@ -37,11 +37,8 @@ def create_api(lab: Lab, state: gr.State):
             finished = lab.generate(prep)
         except UserError as e:
             raise shown(e) from None
-        run_card = lab.score(session.concept, finished.images, finished.card)
-        files, _ = save_run(type(finished)(finished.images, run_card))
-        run_card["images"] = files
-        session.history.append(run_card)
-        return files, run_card, session
+        run_card, _ = record_run(lab, session, finished)
+        return run_card["images"], run_card, session
 
     @gpu
     def compare(session, prompt_, samplers_, params_, seed_, steps_):

@@ -10,7 +10,7 @@ from personalize.errors import UserError
 from personalize.lab import Lab
 from personalize.samplers import SAMPLERS
 
-from .explore import save_run, score
+from .explore import record_run, score
 from .gpu import gpu
 from .errors import shown
 
@@ -51,12 +51,9 @@ def compare_runs(lab: Lab, session, prompt, samplers, params_text, seed, steps, 
     items, cards = [], []
     for name, prep in zip(samplers, preps):
         finished = lab.generate(prep)
-        card = lab.score(session.concept, finished.images, finished.card)
-        files, _ = save_run(type(finished)(finished.images, card))
-        card["images"] = files
-        session.history.append(card)
+        card, _ = record_run(lab, session, finished)
         cards.append(card)
-        items.append((files[0], f"{name}: {card['denoiser_rows']} rows, {card['seconds']:.1f} s, "
+        items.append((card["images"][0], f"{name}: {card['denoiser_rows']} rows, {card['seconds']:.1f} s, "
                                 f"IS {score(card['is'])}, TS {score(card['ts'])}"))
     return items, cards
 

@@ -34,12 +34,16 @@ def history_rows(history: list) -> list[list]:
             for k, c in enumerate(history)]
 
 
-def save_run(finished: Finished) -> tuple[list[str], str]:
-    """Write a finished run (images and run card) to a fresh temporary folder the app serves."""
+def record_run(lab: Lab, session, finished: Finished) -> tuple[dict, str]:
+    """Score a finished run, write its images and run card to a fresh temporary folder the
+    app serves, and add it to the session's history. Returns the card (its `images` the
+    served paths) and the path of its run.json."""
+    card = lab.score(session.concept, finished.images, finished.card)
     out = tempfile.mkdtemp(prefix="personalize-run-")
-    from types import SimpleNamespace
-    card = write_run(out, finished.card, SimpleNamespace(images=finished.images, latents=None), overwrite=True)
-    return [f"{out}/{name}" for name in card["images"]], f"{out}/run.json"
+    names = write_run(out, card, finished.images)["images"]
+    card["images"] = [f"{out}/{name}" for name in names]
+    session.history.append(card)
+    return card, f"{out}/run.json"
 
 
 def create_explore(lab: Lab, state: gr.State):
@@ -105,11 +109,8 @@ def create_explore(lab: Lab, state: gr.State):
                                size=int(size_), num_images=int(n_))
             for item in lab.stream(prep, session.stop):
                 if isinstance(item, Finished):
-                    card = lab.score(session.concept, item.images, item.card)
-                    files, card_path = save_run(Finished(item.images, card))
-                    card["images"] = files
-                    session.history.append(card)
-                    yield {gallery: files, card_json: card, card_file: card_path,
+                    card, card_path = record_run(lab, session, item)
+                    yield {gallery: card["images"], card_json: card, card_file: card_path,
                            chart: lab.chart(session.history, session.background),
                            history: history_rows(session.history),
                            status: f"Done: {card['denoiser_rows']} denoiser rows in {card['seconds']:.1f} s. "
@@ -140,7 +141,7 @@ def create_explore(lab: Lab, state: gr.State):
 
     def replace_references(session, files):
         try:
-            session.concept.references = lab.check_references([f for f in files or []])
+            session.concept.references = lab.check_references(list(files or []))
         except UserError as e:
             raise shown(e) from None
         return session.concept.references, session
