@@ -1,0 +1,14 @@
+"""The synthetic world: a renderer of one-object scenes and a judge that reads them back.
+
+Only numpy, PIL (and scipy in the judge): importable without torch.
+"""
+
+from .scene import (
+    CLASSES, COLOURS, CONCEPTS, CONTEXTS, SIZE, WORLD_PROMPTS, Scene, fill, random_caption, random_scene,
+    reference_scenes, render, render_batch,
+)
+
+__all__ = [
+    "CLASSES", "COLOURS", "CONCEPTS", "CONTEXTS", "SIZE", "WORLD_PROMPTS", "Scene", "fill", "random_caption",
+    "random_scene", "reference_scenes", "render", "render_batch",
+]
