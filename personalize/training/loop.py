@@ -129,9 +129,21 @@ def check_out(out, *, overwrite: bool, resume: bool) -> Path:
         if not latest_checkpoint(out):
             raise UserError(f"--resume: {out} holds no checkpoint to resume from")
         return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out: {out} is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out: {out} is not empty; choose a new folder or pass --overwrite")
+        leftover = sorted(p.name for p in out.iterdir() if p.name not in _written_names())
+        if leftover:
+            raise UserError(f"--overwrite: {out} also holds {', '.join(leftover[:3])}, which a training run "
+                            "does not write; choose a new folder")
     return out
+
+
+def _written_names() -> set[str]:
+    names = {CONCEPT_JSON, REFERENCES, CHECKPOINTS}
+    for cls in _methods().values():
+        names.update(cls.files)
+    return names
 
 
 def _positive_int(name: str, value, *, allow_none: bool = True):
@@ -329,7 +341,8 @@ def save_checkpoint(out: Path, step: int, models: Models, optimizer, method, rec
     tmp.mkdir(parents=True)
     save_file(trainable_state(models), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    method.save(tmp)
+    if getattr(method, "saves_in_checkpoints", True):
+        method.save(tmp)
     (tmp / "state.json").write_text(json.dumps(dict(record, step=step), indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -379,19 +392,17 @@ def write_references(out: Path, images: list, references) -> list[str]:
 
 def clear_outputs(out: Path) -> None:
     """--overwrite: remove what a training run writes (and nothing else)."""
-    names = {CONCEPT_JSON, REFERENCES, CHECKPOINTS}
-    for cls in _methods().values():
-        names.update(cls.files)
+    names = _written_names()
+    leftover = sorted(p.name for p in out.iterdir() if p.name not in names)
+    if leftover:
+        raise UserError(f"--overwrite: {out} also holds {', '.join(leftover[:3])}, which a training run "
+                        "does not write; choose a new folder")
     for name in names:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    leftover = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if leftover:
-        raise UserError(f"--overwrite: {out} also holds {', '.join(leftover[:3])}, which a training run "
-                        "does not write; choose a new folder")
 
 
 # -- 7. the loop -------------------------------------------------------------------------
