@@ -14,7 +14,7 @@ import sys
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.lab import Lab
+from personalize.runs.lab import Lab
 from ui.api import create_api
 from ui.compare import create_compare
 from ui.concept_tab import create_concept
@@ -27,7 +27,7 @@ def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
     """The app; with `study_dir`, also that user study's tab (first) and endpoints."""
     study = None
     if study_dir is not None:
-        from personalize.study import Study
+        from personalize.study.tasks import Study
         study = Study(study_dir)
     with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
         gr.Markdown("# personalize\nWhich sampler gives your fine-tuned concept the best balance of concept "
@@ -73,7 +73,7 @@ def main(argv=None):
         demo = build_app(lab, study_dir=args.study)
         served = lab.served_folders()
         if args.study:
-            from personalize.study import served_folders
+            from personalize.study.tasks import served_folders
             served += served_folders(args.study)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

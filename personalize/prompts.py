@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import UserError
+from personalize.errors import UserError
 
 # `<V*>` must be tried before `V*`, or "<V*>" would leave its angle brackets behind.
 PLACEHOLDER = re.compile(r"\{\}|<V\*>|V\*")

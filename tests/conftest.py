@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def pipe():
     """The demo pipeline in memory (seeded random weights)."""
-    from personalize.demo_model import build_pipeline
+    from personalize.models.demo import build_pipeline
 
     p = build_pipeline()
     p.set_progress_bar_config(disable=True)

@@ -28,8 +28,8 @@ class RowCounter:
 
 def sample(pipe, prompts, name, *, steps, size, seed=0, num_images=1, callback=None, **params):
     """One run of sampler `name` on the demo concept ("sks dog"), latents only (no decode)."""
-    from personalize.engine import run
-    from personalize.samplers import configure
+    from personalize.sampling.engine import run
+    from personalize.sampling.samplers import configure
 
     return run(pipe, prompts, configure(name, params, steps), seed=seed, num_images=num_images, height=size,
                width=size, concept_phrase="sks dog", callback=callback, decode=False)

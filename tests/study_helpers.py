@@ -12,7 +12,7 @@ _made: dict = {}
 def demo_study(tmp_path_factory) -> dict:
     """{"model": demo model folder, "study": a study made by `study demo`, "sweep": its sweep}."""
     if not _made:
-        from personalize.demo_model import write_demo_model
+        from personalize.models.demo import write_demo_model
 
         root = tmp_path_factory.mktemp("study-demo")
         model = write_demo_model(root / "model", references=2, steps=2)

@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app(demo_dir):
     from app import build_app
-    from personalize.lab import Lab
+    from personalize.runs.lab import Lab
 
     lab = Lab(str(demo_dir), try_study_model=False)
     lab.default_size = 64       # small images keep the browser test quick

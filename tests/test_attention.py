@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-from personalize.attention import AttentionHooks, token_attention
-from personalize.engine import run
+from personalize.sampling.attention import AttentionHooks, token_attention
+from personalize.sampling.engine import run
 from personalize.errors import UserError
 from personalize.prompts import prompt_pair
-from personalize.samplers import C, S, U, Mask, Step, Swap, configure, plan, total_rows
+from personalize.sampling.samplers import C, S, U, Mask, Step, Swap, configure, plan, total_rows
 from tests import helpers
 from tests.helpers import RowCounter, rel_diff
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, StableDiffusionXLPipeline
 
-from personalize.attention import AttentionHooks
-from personalize.backbones import PixArtBackbone, SDXLBackbone, backbone, batch_conditioning, default_size
-from personalize.engine import run
+from personalize.sampling.attention import AttentionHooks
+from personalize.sampling.backbones import PixArtBackbone, SDXLBackbone, backbone, batch_conditioning, default_size
+from personalize.sampling.engine import run
 from personalize.errors import UserError
-from personalize.loading import load_pipeline
-from personalize.samplers import C, SAMPLERS, S, U, Mask, Step, Swap, configure, plan, total_rows
-from personalize.tiny_models import build_pixart_pipeline, build_sdxl_pipeline
+from personalize.models.loading import load_pipeline
+from personalize.sampling.samplers import C, SAMPLERS, S, U, Mask, Step, Swap, configure, plan, total_rows
+from personalize.models.tiny import build_pixart_pipeline, build_sdxl_pipeline
 from tests.helpers import RowCounter, rel_diff
 
 STEPS, H, W, TOL = 4, 64, 96, 1e-4

@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from personalize import bench
+from personalize.evaluation import bench
 from personalize.cli import main
-from personalize.samplers import SAMPLERS, configure, plan, total_rows
+from personalize.sampling.samplers import SAMPLERS, configure, plan, total_rows
 
 STEPS, SIZE = 2, 64
 ARGS = ["bench", "--arch", "demo", "--steps", str(STEPS), "--size", str(SIZE), "--repeats", "2", "--warmup", "0"]
@@ -88,7 +88,7 @@ def test_sd2_architecture_has_sd2_base_parameter_counts():
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from personalize.architectures import SD2, build_unet
+    from personalize.models.architectures import SD2, build_unet
 
     with torch.device("meta"):  # shapes only: instant, no memory
         unet = build_unet(SD2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from personalize.cli import main
-from personalize.samplers import SAMPLERS, configure, plan, total_rows
+from personalize.sampling.samplers import SAMPLERS, configure, plan, total_rows
 from tests.helpers import rel_diff
 
 STEPS = 6

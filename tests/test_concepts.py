@@ -6,13 +6,13 @@ import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 from safetensors.torch import save_file
 
-from personalize import concepts
-from personalize.concepts import apply_concept, detect_format
-from personalize.demo_model import build_pipeline
-from personalize.engine import run
+from personalize.concepts import apply as concepts
+from personalize.concepts.apply import apply_concept, detect_format
+from personalize.models.demo import build_pipeline
+from personalize.sampling.engine import run
 from personalize.errors import UserError
 from personalize.prompts import prompt_pair
-from personalize.samplers import configure
+from personalize.sampling.samplers import configure
 from tests.helpers import rel_diff
 
 STEPS, SIZE, W, SEED = 2, 64, 7.0, 5

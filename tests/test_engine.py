@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from personalize.engine import run
+from personalize.sampling.engine import run
 from personalize.errors import UserError
-from personalize.samplers import configure, plan, total_rows
+from personalize.sampling.samplers import configure, plan, total_rows
 from tests import helpers
 from tests.helpers import RowCounter, rel_diff
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from personalize import guidance
+from personalize.sampling import guidance
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from personalize.engine import Stopped
+from personalize.sampling.engine import Stopped
 from personalize.errors import UserError
-from personalize.lab import Finished, Lab, StepUpdate, session_rows
+from personalize.runs.lab import Finished, Lab, StepUpdate, session_rows
 
 
 @pytest.fixture(scope="module")

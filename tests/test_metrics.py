@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from personalize.errors import UserError
-from personalize.metrics import (CLIP_MEAN, MetricSettings, _load_or_random, clip_transform, dino_transform,
+from personalize.evaluation.metrics import (CLIP_MEAN, MetricSettings, _load_or_random, clip_transform, dino_transform,
                                  image_scores, image_similarity, load_metric_models, per_image_similarity,
                                  text_similarity)
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from personalize.cli import main
-from personalize.pareto import curves, dominates, figure, pareto_front, summarize
-from personalize.sweep import COLUMNS
+from personalize.evaluation.pareto import curves, dominates, figure, pareto_front, summarize
+from personalize.evaluation.sweep import COLUMNS
 
 
 def brute_front(points):

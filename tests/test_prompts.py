@@ -1,6 +1,6 @@
 import pytest
 
-from personalize.demo_model import clip_tokenizer
+from personalize.models.tokenizer import clip_tokenizer
 from personalize.errors import UserError
 from personalize.prompts import concept_token_index, prompt_pair, remove_concept
 

@@ -3,7 +3,7 @@
 import pytest
 
 from personalize.errors import UserError
-from personalize.samplers import SAMPLERS, configure, plan, total_rows
+from personalize.sampling.samplers import SAMPLERS, configure, plan, total_rows
 
 N = 20
 

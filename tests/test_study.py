@@ -10,9 +10,9 @@ import pytest
 
 from personalize.cli import main
 from personalize.errors import UserError
-from personalize.study import Study, build_study, make_report, parse_pairs
-from personalize.study_store import Store
-from personalize.sweep import RESULTS, read_rows
+from personalize.study.tasks import Study, build_study, make_report, parse_pairs
+from personalize.study.store import Store
+from personalize.evaluation.sweep import RESULTS, read_rows
 
 from .study_helpers import demo_study, fresh_copy
 

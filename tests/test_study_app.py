@@ -11,7 +11,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 from gradio_client import Client
 
-from personalize.study import Study, served_folders
+from personalize.study.tasks import Study, served_folders
 
 from .study_helpers import demo_study, fresh_copy
 
@@ -33,7 +33,7 @@ class Server:
 
     def start(self) -> str:
         from app import build_app
-        from personalize.lab import Lab
+        from personalize.runs.lab import Lab
 
         lab = Lab(str(self.model), try_study_model=False)
         self.demo = build_app(lab, study_dir=self.study_dir)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from personalize.study_stats import (
+from personalize.study.stats import (
     agreement,
     binomial_p_value,
     bradley_terry,

@@ -14,9 +14,9 @@ from PIL import Image
 
 from personalize.cli import main
 from personalize.errors import UserError
-from personalize.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
-from personalize.sweep import COLUMNS, KEY, PARTS, RESULTS, TIMING, read_rows, run_sweep
-from personalize.sweep_config import load_config, parse_config
+from personalize.evaluation.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
+from personalize.evaluation.sweep import COLUMNS, KEY, PARTS, RESULTS, TIMING, read_rows, run_sweep
+from personalize.evaluation.sweep_config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def comparable(rows):
 def demo(tmp_path_factory):
     """The demo model with two small reference images, written under one thread (the
     session's `demo_dir` would be made before this module's thread setting)."""
-    from personalize.demo_model import write_demo_model
+    from personalize.models.demo import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("demo") / "model", references=2, steps=2)
 
@@ -217,7 +217,7 @@ def readme_yaml(name: str) -> dict:
 
 
 def test_readme_configs_parse(demo, tmp_path):
-    from personalize.prompt_sets import SUBJECTS
+    from personalize.evaluation.prompt_sets import SUBJECTS
 
     study = readme_yaml("study.yaml")
     for subject in SUBJECTS:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.lab import Lab
-from personalize.samplers import SAMPLERS
+from personalize.runs.lab import Lab
+from personalize.sampling.samplers import SAMPLERS
 
 from .compare import compare_runs, parse_json_object
 from .explore import record_run
 from .gpu import gpu
-from .errors import shown
+from personalize.errors import shown
 
 
 def create_api(lab: Lab, state: gr.State):

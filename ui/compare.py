@@ -7,12 +7,12 @@ import json
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.lab import Lab
-from personalize.samplers import SAMPLERS
+from personalize.runs.lab import Lab
+from personalize.sampling.samplers import SAMPLERS
 
 from .explore import record_run, score
 from .gpu import gpu
-from .errors import shown
+from personalize.errors import shown
 
 
 def parse_json_object(text: str, what: str) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.lab import Lab
-from .errors import shown
+from personalize.runs.lab import Lab
+from personalize.errors import shown
 
 
 def create_concept(lab: Lab, state: gr.State, references: gr.Gallery):

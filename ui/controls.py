@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from personalize.samplers import SAMPLERS, default_for
+from personalize.sampling.samplers import SAMPLERS, default_for
 
 STEP_MAX = 150
 

@@ -8,16 +8,16 @@ import tempfile
 
 import gradio as gr
 
-from personalize.engine import Stopped
+from personalize.sampling.engine import Stopped
 from personalize.errors import UserError
-from personalize.lab import Finished, Lab
-from personalize.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
-from personalize.runcard import write_run
-from personalize.samplers import SAMPLERS
+from personalize.runs.lab import Finished, Lab
+from personalize.evaluation.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
+from personalize.runs.runcard import write_run
+from personalize.sampling.samplers import SAMPLERS
 
 from .controls import PARAM_NAMES, control_updates, create_controls, params_from
 from .gpu import gpu
-from .errors import shown
+from personalize.errors import shown
 
 HISTORY_HEADERS = ["#", "sampler", "params", "seed", "steps", "IS", "TS", "TS class", "rows", "seconds"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from personalize.samplers import SAMPLERS
+from personalize.sampling.samplers import SAMPLERS
 
 
 def guide_markdown() -> str:

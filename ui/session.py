@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from personalize.lab import Concept
+from personalize.runs.lab import Concept
 
 
 @dataclass

@@ -16,9 +16,9 @@ import uuid
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.study import QUESTION_TEXT, QUESTIONS, Study, format_report
+from personalize.study.tasks import QUESTION_TEXT, QUESTIONS, Study, format_report
 
-from .errors import shown
+from personalize.errors import shown
 
 CHOICES = [("1", "1"), ("2", "2"), ("Can't decide", "cant_decide")]
 INTRO = ("**User study.** Each task shows an original image of a subject, a text prompt, and two generated "

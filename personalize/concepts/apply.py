@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from personalize.errors import UserError
 
 FORMATS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion", "svdiff")
 ACCEPTED = ("a DreamBooth pipeline folder (model_index.json) or a folder with fine-tuned unet/ and/or "

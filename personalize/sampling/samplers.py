@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError
+from personalize.errors import UserError
 
 U, C, S = "u", "C", "S"  # unconditional (negative prompt), concept prompt, superclass prompt
 ROW_ORDER = (U, C, S)

@@ -6,8 +6,8 @@ Templates use `{}` for the concept phrase, as everywhere in this package.
 
 from __future__ import annotations
 
-from .errors import UserError
-from .prompts import check_template
+from personalize.errors import UserError
+from personalize.prompts import check_template
 
 # The benchmark's subjects (folder name -> class noun), as in evaluation.md.
 LIVE_SUBJECTS = {

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .preview import latents_to_rgb, map_to_image
+from personalize.errors import UserError
+from personalize.runs.preview import latents_to_rgb, map_to_image
 
 
 def versions() -> dict:
@@ -21,7 +21,7 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    from . import __version__
+    from personalize import __version__
     out["personalize"] = __version__
     return out
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import engine
-from .errors import UserError
-from .loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
-from .prompts import check_template, prompt_pair
-from .runcard import run_card
-from .samplers import configure
+from personalize.sampling import engine
+from personalize.errors import UserError
+from personalize.models.loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
+from personalize.prompts import check_template, prompt_pair
+from personalize.runs.runcard import run_card
+from personalize.sampling.samplers import configure
 
 
 @dataclass
@@ -63,10 +63,10 @@ def check(req: Request) -> Prepared:
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
     if req.concept is not None:
-        from .concepts import detect_format
+        from personalize.concepts.apply import detect_format
         detect_format(req.concept)
     if req.model is None:
-        from .demo_model import ensure_demo_model
+        from personalize.models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     else:
         model = check_model(req.model)
@@ -116,7 +116,7 @@ def use_concept(pipe, path: str | None, phrase: str, scale: float):
         del _applied[pipe]
     if key is None:
         return None
-    from .concepts import apply_concept
+    from personalize.concepts.apply import apply_concept
     applied = apply_concept(pipe, path, phrase=phrase, scale=scale)
     _applied[pipe] = (key, applied)
     return applied

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from personalize.errors import UserError
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
             "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics")
@@ -83,7 +83,7 @@ def load_config(path: str | Path, *, device: str | None = None, dtype: str | Non
 
 
 def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtype: str | None = None) -> SweepConfig:
-    from .samplers import configure
+    from personalize.sampling.samplers import configure
 
     base = Path(base).resolve()  # paths in the config are relative to its folder
     raw = _mapping(raw, "the config", TOP_KEYS)
@@ -111,7 +111,7 @@ def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtyp
 
 
 def _metric_settings(raw: dict, base: Path):
-    from .metrics import MetricSettings
+    from personalize.evaluation.metrics import MetricSettings
 
     given = {}
     for key in ("clip", "dino", "dino_weights"):
@@ -179,7 +179,7 @@ def _concepts(entries: list, base: Path, model: str | None, default_prompts) -> 
 def _concept(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> Concept:
     """One concept; phrase, superclass and references default to its model's concept.json
     (the demo model has one)."""
-    from .loading import read_concept_json
+    from personalize.models.loading import read_concept_json
 
     name = _text(entry.get("name"), f"{where}.name")
     if not SAFE_NAME.match(name):
@@ -187,7 +187,7 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     where = f"{where} ({name})"
     concept_model = _path_or_id(_text(entry["model"], f"{where}.model"), base) if "model" in entry else None
     if concept_model is None and model is None:
-        from .demo_model import ensure_demo_model
+        from personalize.models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     folder = Path(concept_model or model)
     meta = (read_concept_json(folder) if folder.is_dir() else None) or {}
@@ -199,7 +199,7 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     weights = entry.get("weights")
     if weights is not None:
         weights = _path_or_id(_text(weights, f"{where}.weights"), base)
-    from .prompt_sets import resolve_prompts
+    from personalize.evaluation.prompt_sets import resolve_prompts
     prompts = resolve_prompts(entry.get("prompts", default_prompts), name=name, superclass=superclass,
                               where=f"{where}.prompts" if "prompts" in entry else "prompts")
     return Concept(name, phrase, superclass, _references(references, f"{where}.references", base),
@@ -210,7 +210,7 @@ def _bench_concepts(entry: dict, where: str, base: Path, model: str | None, defa
     """The benchmark's subjects from its dataset folder (one subfolder of images per
     subject). `phrase`, `weights` and `model` may name the subject as {name} and its class
     noun as {class}."""
-    from .prompt_sets import SUBJECTS
+    from personalize.evaluation.prompt_sets import SUBJECTS
 
     root = base / Path(_text(entry["dreambench"], f"{where}.dreambench")).expanduser()
     if not root.is_dir():
@@ -264,7 +264,7 @@ def _references(value, where: str, base: Path) -> tuple[str, ...]:
 
 
 def _points(entries: list, steps: int, configure) -> tuple[Point, ...]:
-    from .samplers import SAMPLERS
+    from personalize.sampling.samplers import SAMPLERS
 
     points = []
     for k, entry in enumerate(entries):
@@ -303,7 +303,7 @@ def grid_points(grid, where: str) -> list[dict]:
 def make_point(config) -> Point:
     """Canonical parameters: whole-number kinds as int, the rest as float, so that `7` and
     `7.0` are one point (and one row key)."""
-    from .samplers import SAMPLERS
+    from personalize.sampling.samplers import SAMPLERS
 
     params = {}
     for p in SAMPLERS[config.name].params:

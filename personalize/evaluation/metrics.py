@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from personalize.errors import UserError
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # the plain "ViT-B-32" would load OpenAI's weights into GELU
 CLIP_TAG = "openai"

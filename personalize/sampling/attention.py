@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .samplers import C, S, Step
+from personalize.sampling.samplers import C, S, Step
 
 
 class AttentionHooks:

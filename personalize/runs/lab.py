@@ -13,10 +13,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from . import runs
-from .errors import UserError
-from .loading import check_model, read_concept_json
-from .preview import latents_to_rgb, map_to_image
+from personalize.runs import request as runs
+from personalize.errors import UserError
+from personalize.models.loading import check_model, read_concept_json
+from personalize.runs.preview import latents_to_rgb, map_to_image
 
 STUDY_MODEL = "stabilityai/stable-diffusion-2-base"  # the study's base model
 MAX_UPLOAD_MB = 256
@@ -77,7 +77,7 @@ class Lab:
         if model is None and try_study_model and study_model_available():
             model = STUDY_MODEL
         if model is None:
-            from .demo_model import ensure_demo_model
+            from personalize.models.demo import ensure_demo_model
             model = str(ensure_demo_model())
             self.demo = True
         model = check_model(model)
@@ -131,7 +131,7 @@ class Lab:
         if upload:
             weights = str(self.check_concept_upload(upload))
         if weights:
-            from .concepts import detect_format
+            from personalize.concepts.apply import detect_format
             detect_format(weights)
         refs = self.check_references(references) if references else list((current or self.default_concept).references)
         return Concept(phrase, superclass, refs, weights or None)
@@ -191,7 +191,7 @@ class Lab:
 
     def chart(self, history: list[dict], background: list[dict] = ()):
         """The session's runs on the IS/TS plane (plotly), over a sweep's curves if given."""
-        from .pareto import figure
+        from personalize.evaluation.pareto import figure
         import plotly.graph_objects as go
 
         rows = list(background) + session_rows(history)
@@ -203,7 +203,7 @@ class Lab:
         return figure(rows, title="IS / TS of this session's runs")
 
     def read_results(self, path: str) -> list[dict]:
-        from .pareto import read_results
+        from personalize.evaluation.pareto import read_results
         return read_results(path)
 
     def generate(self, prep: runs.Prepared) -> Finished:
@@ -215,8 +215,8 @@ class Lab:
     def score(self, concept: Concept, images: list, card: dict) -> dict:
         """A copy of the run's card with its mean IS (None without reference images), TS and
         TS-class, and `metrics_random` where the metric model has random weights."""
-        from .metrics import MetricSettings, image_scores, load_metric_models
-        from .prompts import fill, remove_concept
+        from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
+        from personalize.prompts import fill, remove_concept
 
         models = load_metric_models(MetricSettings(dino="none", device=self.device))
         template = card["prompt_template"]

@@ -1,12 +1,12 @@
-"""`python -m personalize bench`: the performance benchmark.
+"""The performance benchmark behind `personalize bench`.
 
 In one process and on one set of components, diffusers' own `StableDiffusionPipeline`
 (concept prompt, CFG) and then every sampler generate one image each; after warm-up
 rounds, several measured rounds follow and the median counts. Methods run interleaved
 (one of each per round), so a slower spell of a shared machine hits all of them alike.
 Reported per method: seconds per image, denoiser batch rows, seconds per row and peak
-memory (process RSS on the CPU, max allocated on CUDA), and the ratios of medians that
-issue 8 sets targets for.
+memory (process RSS on the CPU, max allocated on CUDA), and the ratios of medians
+against the targets in `TARGETS`.
 
 Heavy packages (torch, diffusers) are imported inside functions: the command line
 imports this module to build its parser.
@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import UserError
+from personalize.errors import UserError
 
 DIFFUSERS = "diffusers"           # the baseline's name in reports
 TEMPLATE = "a photo of a {} on the beach"
@@ -57,85 +57,13 @@ TARGETS = (
 )
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="a diffusers pipeline folder or hub id to time instead of a random-weight --arch")
-    parser.add_argument("--arch", default=None, choices=ARCH_CHOICES,
-                        help="random-weight architecture: mid (default; CPU-sized), sd2 (SD 2 base; for GPUs), "
-                             "demo (tiny)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds; the median counts")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--samplers", default=None, help="comma-separated subset (default: all eight)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def command(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download, ever
-    names = check_args(args)
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
-    pipe, model = load(args)
-    report = run_bench(pipe, model=model, names=names, device=args.device, dtype=args.dtype, steps=args.steps,
-                       size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                       progress=progress_line)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
-
-
-# -- input --------------------------------------------------------------------------------
-
-def check_args(args) -> list[str]:
-    """Check every option that can be checked before a model is built; returns the
-    sampler names to time."""
-    from .samplers import SAMPLERS
-
-    if args.model is not None and args.arch is not None:
-        raise UserError("bench: give --model (a pipeline to time) or --arch (a random-weight architecture), not both")
-    for name, value, low in (("--steps", args.steps, 1), ("--repeats", args.repeats, 1),
-                             ("--warmup", args.warmup, 0), ("--seed", args.seed, 0),
-                             ("--threads", 1 if args.threads is None else args.threads, 1)):
-        if value < low:
-            raise UserError(f"{name}: {value} must be at least {low}")
-    if args.size is not None and (args.size <= 0 or args.size % 8):
-        raise UserError(f"--size: {args.size} must be a positive multiple of 8")
-    if args.samplers is None:
-        return list(SAMPLERS)
-    names = [n.strip() for n in args.samplers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown or not names:
-        raise UserError(f"--samplers: {unknown[0] if unknown else args.samplers!r} is not a sampler; "
-                        f"accepted: {', '.join(SAMPLERS)}")
-    return list(dict.fromkeys(names))
-
-
-def load(args):
-    """The pipeline to time and how the report names it."""
-    from .loading import check_device, load_pipeline
-
-    if args.model is not None:
-        # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.
-        return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler="ddim"), args.model
-    from .architectures import ARCHITECTURES, build_pipeline
-
-    device, dtype = check_device(args.device, args.dtype)
-    arch = ARCHITECTURES[args.arch or "mid"]
-    return build_pipeline(arch, device=device, dtype=dtype), f"arch:{arch.name} ({arch.description})"
-
-
 # -- measuring ----------------------------------------------------------------------------
 
 def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype: str = "float32", steps: int = 10,
               size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0, progress=None) -> dict:
     """Time diffusers' pipeline and the samplers `names` on `pipe`; returns the report
     (the `--json` object)."""
-    from .backbones import default_size
+    from personalize.sampling.backbones import default_size
 
     size = size or default_size(pipe)[0]
     jobs, configs = make_jobs(pipe, names, steps=steps, size=size, seed=seed)
@@ -175,10 +103,10 @@ def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int) -> tu
 
     import torch
 
-    from . import engine
-    from .demo_model import DEMO_CONCEPT
-    from .prompts import prompt_pair
-    from .samplers import configure
+    from personalize.sampling import engine
+    from personalize.models.demo import DEMO_CONCEPT
+    from personalize.prompts import prompt_pair
+    from personalize.sampling.samplers import configure
 
     prompts = prompt_pair(TEMPLATE, DEMO_CONCEPT["phrase"], DEMO_CONCEPT["superclass"])
     # diffusers' own pipeline of the same family, on the very same component objects.
@@ -367,7 +295,3 @@ def format_report(report: dict) -> str:
     if m.get("load_start") is not None:
         lines.append(f"load average (1 min): {m['load_start']:.2f} at the start, {m['load_end']:.2f} at the end")
     return "\n".join(lines)
-
-
-def progress_line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

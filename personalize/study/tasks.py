@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UserError
-from .study_store import ANSWERS, QUESTIONS, Store, default_db_path
+from personalize.errors import UserError
+from personalize.study.store import ANSWERS, QUESTIONS, Store, default_db_path
 
 FORMAT = "personalize-study/1"
 TASKS = "tasks.json"
@@ -121,7 +121,7 @@ def _method_rows(rows: list[dict], method: str, sweep: Path) -> tuple[dict, dict
 def _references(sweep: Path, rows: list[dict], concepts: list[str], given: dict[str, str]) -> dict[str, list[Path]]:
     """Real images of each concept: `--references NAME=PATH`, else those of the concept's
     model folder (`concept.json`, as the demo model has) that the sweep recorded."""
-    from .loading import read_concept_json
+    from personalize.models.loading import read_concept_json
 
     lock = json.loads((sweep / "sweep.json").read_text()) if (sweep / "sweep.json").is_file() else {}
     out = {}
@@ -193,7 +193,7 @@ def build_study(sweep: str | Path, pairs: list[tuple[str, str]], out: str | Path
                 repeats: int = 0, per_pair: int | None = None, seed: int = 0,
                 references: dict[str, str] | None = None, allow: tuple[str, ...] = ()) -> dict:
     """Write STUDY_DIR (tasks.json and media/) from a sweep folder; returns tasks.json's content."""
-    from .sweep import RESULTS, read_rows
+    from personalize.evaluation.sweep import RESULTS, read_rows
 
     sweep, out = Path(sweep), Path(out)
     if not (sweep / RESULTS).is_file():
@@ -286,14 +286,14 @@ def _shown_prompt(row: dict) -> str:
     """The prompt a participant reads: the class noun in place of the concept phrase."""
     if row.get("ts_class_prompt"):
         return row["ts_class_prompt"]
-    from .prompts import fill
+    from personalize.prompts import fill
 
     return fill(row["prompt"], row.get("superclass") or "object")
 
 
 def _is_demo(rows: list[dict]) -> bool:
     """Whether the images come from the offline demo model (random weights)."""
-    from .loading import read_concept_json
+    from personalize.models.loading import read_concept_json
 
     model = rows[0].get("model", "")
     try:
@@ -306,13 +306,13 @@ def _is_demo(rows: list[dict]) -> bool:
 def make_demo(out: str | Path, *, model: str | None = None, steps: int = 3, size: int = 64) -> dict:
     """A small ready study on the offline demo model: a sweep of three samplers over four
     prompts and two seeds (in STUDY_DIR/sweep), then 16 pair tasks, 2 repeats, 2 checks."""
-    from .sweep import run_sweep
-    from .sweep_config import parse_config
+    from personalize.evaluation.sweep import run_sweep
+    from personalize.evaluation.sweep_config import parse_config
 
     out = Path(out)
     _check_out(out, allow=("sweep",))
     if model is None:
-        from .demo_model import ensure_demo_model
+        from personalize.models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     config = parse_config({
         "model": str(Path(model).resolve()), "concepts": [{"name": "demo"}], "prompts": list(DEMO_PROMPTS),
@@ -512,7 +512,7 @@ def make_report(study: dict, answers: list[dict], *, exclude=(), max_failures: i
     """Every number of the report, from tasks.json's content and the stored answers."""
     import numpy as np
 
-    from . import study_stats as st
+    from personalize.study import stats as st
 
     tasks = {t["id"]: t for t in study["tasks"]}
     answers = [a for a in answers if a["task"] in tasks]
@@ -673,78 +673,3 @@ def format_report(r: dict) -> str:
         c = r["self_consistency"][q]
         lines.append(f"  {QUESTION_LABEL[q]:<4} {_num(c['share'])} ({c['same']} of {c['repeats']})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True, parser_class=type(parser))
-    b = actions.add_parser("build", help="a pairwise study from a sweep's images")
-    b.add_argument("sweep", help="the sweep folder (results.csv, images/)")
-    b.add_argument("--pairs", required=True, help="method pairs A:B,...; a method is a sampler, or sampler[point]")
-    b.add_argument("--out", required=True, help="the new study folder")
-    b.add_argument("--attention-checks", type=int, default=0, help="attention-check tasks (real vs blank image)")
-    b.add_argument("--repeats", type=int, default=0, help="pair tasks shown twice (sides flipped)")
-    b.add_argument("--per-pair", type=int, default=None, help="at most this many tasks per pair (a random sample)")
-    b.add_argument("--references", action="append", default=[], metavar="CONCEPT=PATH",
-                   help="real images of a concept (a folder or a file); default: its model's concept.json")
-    b.add_argument("--seed", type=int, default=0, help="seed of the left/right and sampling draws")
-
-    d = actions.add_parser("demo", help="a small ready study on the offline demo model")
-    d.add_argument("out", help="the new study folder")
-    d.add_argument("--model", default=None, help="the demo model folder (default: written on first use)")
-
-    r = actions.add_parser("report", help="the win-rate table of the answers so far")
-    r.add_argument("study", help="the study folder")
-    r.add_argument("--json", action="store_true", help="one JSON object")
-    r.add_argument("--db", default=None, help="the answers file (default: STUDY_DIR/answers.sqlite)")
-    r.add_argument("--exclude", action="append", default=[], metavar="PARTICIPANT",
-                   help="leave out one participant's answers (repeatable)")
-    r.add_argument("--max-failures", type=int, default=0,
-                   help="attention checks a participant may fail and still be counted")
-    r.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-
-    e = actions.add_parser("export", help="every answer as CSV")
-    e.add_argument("study", help="the study folder")
-    e.add_argument("--out", required=True, help="the CSV file to write")
-    e.add_argument("--db", default=None, help="the answers file (default: STUDY_DIR/answers.sqlite)")
-
-
-def _parse_references(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise UserError(f"--references: {item!r} is not CONCEPT=PATH")
-        out[name.strip()] = path.strip()
-    return out
-
-
-def command(args) -> int:
-    if args.action == "build":
-        data = build_study(args.sweep, parse_pairs(args.pairs), args.out, attention_checks=args.attention_checks,
-                           repeats=args.repeats, per_pair=args.per_pair, seed=args.seed,
-                           references=_parse_references(args.references))
-        print(_built(data, args.out))
-    elif args.action == "demo":
-        print(_built(make_demo(args.out, model=args.model), args.out))
-    elif args.action == "report":
-        if args.resamples < 1:
-            raise UserError(f"--resamples: {args.resamples} must be >= 1")
-        report = Study(args.study, db=args.db).report(exclude=args.exclude, max_failures=args.max_failures,
-                                                      resamples=args.resamples, seed=args.seed)
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
-    elif args.action == "export":
-        n = Study(args.study, db=args.db).export(args.out)
-        print(f"{n} answers -> {args.out}", file=sys.stderr)
-    return 0
-
-
-def _built(data: dict, out) -> str:
-    kinds = [t["kind"] for t in data["tasks"]]
-    return (f"{len(kinds)} tasks ({kinds.count('pair')} pairs, {kinds.count('repeat')} repeats, "
-            f"{kinds.count('attention')} attention checks) over {len(data['pairs'])} method pair(s) -> {out}; "
-            f"serve it with `python app.py --study {out}`")

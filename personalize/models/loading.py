@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from personalize.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda", "mps")
@@ -57,7 +57,7 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", sc
     cached per (model, device, dtype, scheduler): a process loads each model once."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    from .backbones import SUPPORTED, backbone
+    from personalize.sampling.backbones import SUPPORTED, backbone
 
     model = check_model(model)
     torch_device, torch_dtype = check_device(device, dtype)
@@ -83,6 +83,14 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", sc
     pipe.to(torch_device)
     _cache[key] = pipe
     return pipe
+
+
+def release_pipelines(*, keep: str | None = None) -> int:
+    """Drop every cached pipeline whose model is not `keep`; returns how many were dropped."""
+    stale = [key for key in _cache if key[0] != keep]
+    for key in stale:
+        del _cache[key]
+    return len(stale)
 
 
 def read_concept_json(folder: str | Path) -> dict | None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from personalize.models.scheduler import ddim_scheduler
+from personalize.models.tokenizer import CLIP_TEXT_FIELDS as CLIP_TOKENS
+
 # SD's UNet layout: cross-attention at the three finest levels, none at the coarsest.
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 SD_VAE_BLOCKS = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
-CLIP_TOKENS = {"vocab_size": 49408, "max_position_embeddings": 77,
-               "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def build_pipeline(arch: Architecture, *, device="cpu", dtype=torch.float32, see
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .demo_model import build_pipeline as build_demo, clip_tokenizer
+    from personalize.models.demo import build_pipeline as build_demo
+    from personalize.models.tokenizer import clip_tokenizer
 
     if arch.name == "demo":
         pipe = build_demo(seed)
@@ -104,11 +106,3 @@ def build_pipeline(arch: Architecture, *, device="cpu", dtype=torch.float32, see
     if dtype != torch.float32:  # weights are initialised in float32 (not every init op exists in half)
         pipe.to(dtype=dtype)
     return pipe
-
-
-def ddim_scheduler():
-    """DDIM as SD 1.x/2 base and the study use it (the demo model's scheduler)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)

@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import UserError
-from .sweep_config import Concept, Point, SweepConfig, load_config
+from personalize.errors import UserError
+from personalize.evaluation.sweep_config import Concept, Point, SweepConfig, load_config
 
 RESULTS = "results.csv"
 PARTS = "parts"
@@ -190,7 +190,7 @@ class Summary:
 
 
 def request_for(config: SweepConfig, job: Job, device: str, num_images: int):
-    from .runs import Request
+    from personalize.runs.request import Request
 
     return Request(prompt=job.prompt, sampler=job.point.sampler, params=job.point.values,
                    model=job.concept.model or config.model, concept=job.concept.weights,
@@ -210,8 +210,8 @@ def resolve_device(device: str) -> str:
 def check_jobs(config: SweepConfig, device: str) -> None:
     """Everything `runs.check` can say, once per (concept, sampler point), and every
     prompt of every concept: all before the first image."""
-    from .prompts import prompt_pair
-    from .runs import check
+    from personalize.prompts import prompt_pair
+    from personalize.runs.request import check
 
     for c in config.concepts:
         for template in c.prompts:
@@ -239,7 +239,7 @@ def process_state(device: str):
 def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True, fail_after: int | None = None) -> Summary:
     """Compute the missing rows of `config` into `out`. `fail_after` (tests) raises after
     that many images were generated, before their rows are written, like a crash."""
-    from .metrics import load_metric_models
+    from personalize.evaluation.metrics import load_metric_models
 
     started = time.perf_counter()
     out = Path(out)
@@ -291,18 +291,12 @@ def _progress(total: int, enabled: bool, state):
 
 def _release_other_pipelines(model: str | None) -> None:
     """Concepts with their own pipeline (DreamBooth folders) come one after another in the
-    grid: drop the pipelines of the others from loading.py's cache, or thirty of them
-    would fill the GPU. (loading.py has no public call for this yet.)"""
-    from . import loading
+    grid: drop the other pipelines from the loading cache, or thirty of them would fill the GPU."""
+    from personalize.models.loading import check_model, release_pipelines  # torch: not at parser time
 
-    cache = getattr(loading, "_cache", None)
-    if not isinstance(cache, dict) or model is None:
+    if model is None:
         return
-    keep = loading.check_model(model)
-    stale = [key for key in cache if key[0] != keep]
-    for key in stale:
-        del cache[key]
-    if stale:
+    if release_pipelines(keep=check_model(model)):
         import torch
 
         if torch.cuda.is_available():
@@ -312,7 +306,7 @@ def _release_other_pipelines(model: str | None) -> None:
 def run_job(config: SweepConfig, job: Job, missing: list[int], device: str, models, cache: dict,
             out: Path) -> list[dict]:
     """One job: its images in one batch, the missing ones saved and scored, their rows."""
-    from .runs import check, execute
+    from personalize.runs.request import check, execute
 
     n = config.images_per_prompt
     result, card = execute(check(request_for(config, job, device, n)))
@@ -337,8 +331,8 @@ def run_job(config: SweepConfig, job: Job, missing: list[int], device: str, mode
 def score(models, job: Job, images: list, cache: dict) -> tuple[tuple[str, str], dict[str, list[float]]]:
     """The TS texts (concept phrase removed; class noun in its place) and the per-image
     scores. Reference and text embeddings are computed once per process."""
-    from .metrics import image_scores
-    from .prompts import prompt_pair, remove_concept
+    from personalize.evaluation.metrics import image_scores
+    from personalize.prompts import prompt_pair, remove_concept
 
     with_class = prompt_pair(job.prompt, job.concept.phrase, job.concept.superclass).superclass
     texts = (remove_concept(job.prompt), with_class)
@@ -380,34 +374,6 @@ def prompt_slug(prompt: str) -> str:
 # Command line
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("config", help="the sweep YAML file")
-    parser.add_argument("--out", required=True, help="the sweep folder (results.csv, images/); run again to resume")
-    parser.add_argument("--device", default=None,
-                        help="cpu | cuda | mps (default: the config's, else cuda when available)")
-    parser.add_argument("--dtype", default=None,
-                        help="float32 | float16 | bfloat16 (default: the config's, else float32)")
-    parser.add_argument("--dry-run", action="store_true", help="check the config, count the work, generate nothing")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def command(args) -> int:
-    config = load_config(args.config, device=args.device, dtype=args.dtype)
-    out = Path(args.out)
-    if args.dry_run:
-        print(dry_run(config, out))
-        return 0
-    try:
-        summary = run_sweep(config, out, progress=not args.no_progress)
-    finally:
-        _end_processes()
-    if summary.rows:  # the main process, after the merge
-        note = "; metrics from RANDOM-WEIGHT models: not the study's numbers" if summary.random_weights else ""
-        print(f"{summary.rows} rows in {out / RESULTS} ({summary.rows - summary.done_before} new, "
-              f"{summary.seconds:.1f} s){note}", file=sys.stderr)
-    return 0
-
-
 def dry_run(config: SweepConfig, out: Path) -> str:
     """Check everything a run checks before its first image, and count the work."""
     check_out(out)
@@ -417,11 +383,3 @@ def dry_run(config: SweepConfig, out: Path) -> str:
     missing = sum(j.key(k) not in done for j in jobs for k in range(n))
     return (f"{len(config.concepts)} concept(s), {len(config.points)} sampler point(s), {len(config.seeds)} "
             f"seed(s), {n} image(s) per prompt: {len(jobs) * n} images, {missing} still to compute")
-
-
-def _end_processes() -> None:
-    """Leave the process group of `accelerate launch` cleanly (torch warns at exit otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -3,43 +3,23 @@ weights and the real CLIP tokenizer, so everything runs where no weights can be 
 
 from __future__ import annotations
 
-import functools
-import gzip
 import json
 from pathlib import Path
 
 import torch
+
+from personalize.models.scheduler import ddim_scheduler
+from personalize.models.tokenizer import CLIP_TEXT_FIELDS, clip_tokenizer
 
 DEMO_CONCEPT = {"phrase": "sks dog", "superclass": "dog"}
 DEMO_SIZE = 256       # default image size of the demo model (32x32 latents)
 REFERENCE_PROMPT = "a photo of a {}"
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_vocabulary() -> tuple[dict, list]:
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # the same slice open_clip and OpenAI's CLIP take
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, [tuple(m.split()) for m in merges]
-
-
-def clip_tokenizer(model_max_length: int = 77):
-    """OpenAI CLIP's BPE tokenizer, built from the vocabulary open_clip ships in its package.
-    A new tokenizer each call (concepts add tokens to it); the vocabulary is read once."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
-
-
 def build_pipeline(seed: int = 0):
     """The demo pipeline in memory: UNet with cross-attention at two resolutions and the middle block, an
     8x VAE, a 2-layer CLIP text encoder, DDIM as in the study."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -69,12 +49,10 @@ def build_pipeline(seed: int = 0):
         )
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, projection_dim=64, **CLIP_TEXT_FIELDS,
         ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = ddim_scheduler()
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -83,13 +61,13 @@ def build_pipeline(seed: int = 0):
 def write_demo_model(out: str | Path, *, references: int = 3, steps: int = 10) -> Path:
     """Write the demo pipeline to `out` (diffusers layout) with `concept.json` and
     reference images sampled from the demo concept itself."""
-    from .engine import run
-    from .prompts import prompt_pair
-    from .samplers import configure
+    from personalize.sampling.engine import run
+    from personalize.prompts import prompt_pair
+    from personalize.sampling.samplers import configure
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        from .errors import UserError
+        from personalize.errors import UserError
         raise UserError(f"demo-model: {out} exists and is not empty; choose a new folder")
     pipe = build_pipeline()
     pipe.save_pretrained(out)

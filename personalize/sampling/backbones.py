@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
-from .prompts import concept_token_index
+from personalize.errors import UserError
+from personalize.prompts import concept_token_index
 
 Conditioning = dict
 

@@ -19,12 +19,12 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import guidance
-from .attention import AttentionHooks
-from .backbones import Backbone, Conditioning, backbone, batch_conditioning
-from .errors import UserError
-from .prompts import PromptPair
-from .samplers import C, S, U, SamplerConfig, Step, plan
+from personalize.sampling import guidance
+from personalize.sampling.attention import AttentionHooks
+from personalize.sampling.backbones import Backbone, Conditioning, backbone, batch_conditioning
+from personalize.errors import UserError
+from personalize.prompts import PromptPair
+from personalize.sampling.samplers import C, S, U, SamplerConfig, Step, plan
 
 
 class Stopped(RuntimeError):

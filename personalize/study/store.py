@@ -57,7 +57,7 @@ class Store:
     another study is refused."""
 
     def __init__(self, path: str | Path, study_id: str):
-        from .errors import UserError
+        from personalize.errors import UserError
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

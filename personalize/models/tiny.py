@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .demo_model import clip_tokenizer
-
-CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77,
-            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+from personalize.models.scheduler import ddim_scheduler
+from personalize.models.tokenizer import CLIP_TEXT_FIELDS as CLIP_IDS, clip_tokenizer
 SDXL_SIZE = 128     # default image side of the tiny SD-XL (16x16 latents)
 PIXART_SIZE = 128   # default image side of the tiny PixArt-alpha at sample_size 16
 
@@ -29,13 +27,6 @@ def tiny_vae(seed: int, sample_size: int):
         block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-
-
-def ddim_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def louder_prompt(denoiser, cross_attention_names: str = "attn2", factor: float = 5.0) -> None:

@@ -1,0 +1,84 @@
+"""`personalize bench`: time diffusers' own pipeline and every sampler side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from personalize.errors import UserError
+from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a diffusers pipeline folder or hub id to time instead of a random-weight --arch")
+    parser.add_argument("--arch", default=None, choices=ARCH_CHOICES,
+                        help="random-weight architecture: mid (default; CPU-sized), sd2 (SD 2 base; for GPUs), "
+                             "demo (tiny)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds; the median counts")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--samplers", default=None, help="comma-separated subset (default: all eight)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def command(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download, ever
+    names = check_args(args)
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    pipe, model = load(args)
+    report = run_bench(pipe, model=model, names=names, device=args.device, dtype=args.dtype, steps=args.steps,
+                       size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                       progress=progress_line)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def check_args(args) -> list[str]:
+    """Check every option that can be checked before a model is built; returns the
+    sampler names to time."""
+    from personalize.sampling.samplers import SAMPLERS
+
+    if args.model is not None and args.arch is not None:
+        raise UserError("bench: give --model (a pipeline to time) or --arch (a random-weight architecture), not both")
+    for name, value, low in (("--steps", args.steps, 1), ("--repeats", args.repeats, 1),
+                             ("--warmup", args.warmup, 0), ("--seed", args.seed, 0),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < low:
+            raise UserError(f"{name}: {value} must be at least {low}")
+    if args.size is not None and (args.size <= 0 or args.size % 8):
+        raise UserError(f"--size: {args.size} must be a positive multiple of 8")
+    if args.samplers is None:
+        return list(SAMPLERS)
+    names = [n.strip() for n in args.samplers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown or not names:
+        raise UserError(f"--samplers: {unknown[0] if unknown else args.samplers!r} is not a sampler; "
+                        f"accepted: {', '.join(SAMPLERS)}")
+    return list(dict.fromkeys(names))
+
+
+def load(args):
+    """The pipeline to time and how the report names it."""
+    from personalize.models.loading import check_device, load_pipeline
+
+    if args.model is not None:
+        # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.
+        return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler="ddim"), args.model
+    from personalize.models.architectures import ARCHITECTURES, build_pipeline
+
+    device, dtype = check_device(args.device, args.dtype)
+    arch = ARCHITECTURES[args.arch or "mid"]
+    return build_pipeline(arch, device=device, dtype=dtype), f"arch:{arch.name} ({arch.description})"
+
+
+def progress_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

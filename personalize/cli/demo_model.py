@@ -1,0 +1,15 @@
+"""`personalize demo-model DIR`: write the offline demo model to a folder."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("out")
+
+
+def command(args) -> int:
+    from personalize.models.demo import write_demo_model
+
+    out = write_demo_model(args.out)
+    print(f"demo model written to {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: image metrics, resumable sweeps and their config, Pareto charts, prompt sets, benchmark."""

@@ -1,0 +1,1 @@
+"""Models: loading pipelines, the offline demo model, tiny test models, benchmark architectures."""

@@ -1,0 +1,1 @@
+"""Runs: checked requests, run cards on disk, previews, and the app's lab."""

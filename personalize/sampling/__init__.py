@@ -1,0 +1,1 @@
+"""Sampling: guidance rules, sampler plans, the denoising loop, attention hooks, pipeline adapters."""

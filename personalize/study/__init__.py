@@ -1,0 +1,1 @@
+"""The pairwise user study: tasks, serving, answer storage, statistics and report."""
