@@ -1,0 +1,431 @@
+"""`personalize world build`: render the world's data, then train its autoencoder, text
+encoder and denoiser, its metric model and its two personal concepts, and write them as
+one folder that diffusers, the metrics code and the concept loader read as they are.
+
+Parts are trained in order and each is saved as soon as it is done; `resume=True` loads
+the parts an interrupted build already finished instead of training them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from . import models
+from .scene import CONCEPTS, COLOURS, CONTEXTS, CLASSES, random_caption, reference_scenes, render, render_batch
+
+PIPELINE_PARTS = ("vae", "text_encoder", "unet", "tokenizer", "scheduler")
+STATE_FILE = "build-state.json"
+
+
+@dataclass(frozen=True)
+class BuildSize:
+    """How much data and how many optimiser steps each part gets."""
+    images: int = 40_000             # renders behind the autoencoder and the denoiser
+    vae_steps: int = 1_000
+    vae_batch: int = 16
+    vae_minutes: float = 8.0         # wall-clock caps: a build fits its hour on a slower machine too
+    denoiser_steps: int = 6_000
+    denoiser_batch: int = 64
+    denoiser_minutes: float = 30.0
+    metric_steps: int = 900
+    metric_batch: int = 128
+    metric_minutes: float = 8.0
+    concept_steps: int = 800
+    concept_class_images: int = 40
+
+
+FULL = BuildSize()
+QUICK = BuildSize(images=600, vae_steps=30, vae_batch=16, vae_minutes=1.0, denoiser_steps=40, denoiser_batch=16,
+                  denoiser_minutes=1.0, metric_steps=20, metric_batch=64, metric_minutes=1.0, concept_steps=10,
+                  concept_class_images=4)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def render_data(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    pairs = [random_caption(rng) for _ in range(n)]
+    return render_batch([s for s, _ in pairs]), [c for _, c in pairs]
+
+
+# ---------------------------------------------------------------------------- parts
+
+def _progress(step: int, steps: int, start: float, minutes: float) -> float:
+    """How far a part is through its budget, by steps or by wall-clock time, whichever is
+    further: learning-rate schedules follow it, and the part ends at 1."""
+    return max(step / steps, (time.time() - start) / (60 * minutes))
+
+
+def _cosine(progress: float, floor: float = 0.1) -> float:
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_autoencoder(images: np.ndarray, size: BuildSize, seed: int):
+    """AutoencoderKL on the renders: L1 + MSE reconstruction with a light KL term."""
+    torch.manual_seed(seed)
+    vae = models.autoencoder()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    loss_value, start, steps_done = float("nan"), time.time(), 0
+    for step in range(size.vae_steps):
+        done = _progress(step, size.vae_steps, start, size.vae_minutes)
+        if done >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * _cosine(done)
+        idx = torch.randint(len(images), (size.vae_batch,), generator=gen).numpy()
+        x = to_tensor(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value, steps_done = loss.item(), step + 1
+        if step % 50 == 0:
+            _log(f"autoencoder step {step + 1}/{size.vae_steps} loss {loss_value:.4f}")
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": steps_done, "batch": size.vae_batch, "final_loss": loss_value,
+                 "seconds": round(time.time() - start, 1)}
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+EMA_DECAY = 0.995   # a short run: average over its last few hundred steps only
+
+
+class EMA:
+    """Exponential moving average of parameters (the weights that ship)."""
+
+    def __init__(self, modules, decay: float):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str], tokenizer,
+                   size: BuildSize, seed: int, *, start_from=None, peak_lr: float = 1e-3):
+    """UNet and text encoder trained together on eps-prediction, empty captions included
+    (they are the unconditional branch of classifier-free guidance). `start_from` is a
+    (unet, text_encoder) pair to continue training."""
+    torch.manual_seed(seed)
+    unet, text_encoder = start_from or (models.denoiser(), models.text_encoder())
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    noise_scheduler = models.ddpm_scheduler()
+    ids = tokenize(tokenizer, captions)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    ema = EMA([unet, text_encoder], decay=EMA_DECAY)
+    gen = torch.Generator().manual_seed(seed)
+    start, losses, steps_done = time.time(), [], 0
+    for step in range(size.denoiser_steps):
+        done = _progress(step, size.denoiser_steps, start, size.denoiser_minutes)
+        if done >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = peak_lr * min(1.0, (step + 1) / 100) * _cosine(done)
+        idx = torch.randint(len(captions), (size.denoiser_batch,), generator=gen)
+        z0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        cond = text_encoder(ids[idx])[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        losses.append(loss.item())
+        steps_done = step + 1
+        if step % 100 == 0:
+            rate = steps_done / max(time.time() - start, 1e-6)
+            _log(f"denoiser step {steps_done}/{size.denoiser_steps} loss {np.mean(losses[-100:]):.4f} "
+                 f"({rate:.2f} steps/s)")
+    ema.copy_to_model()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return unet, text_encoder, {"steps": steps_done, "batch": size.denoiser_batch,
+                                "final_loss": float(np.mean(losses[-200:])) if losses else float("nan"),
+                                "seconds": round(time.time() - start, 1), "ema_decay": EMA_DECAY}
+
+
+def full_caption(cls: str, colour: str, context: str) -> str:
+    phrase = CONTEXTS[context]
+    return f"a photo of a {colour} {cls}" + (f" {phrase}" if phrase else "")
+
+
+def all_captions() -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Every fully specified caption, with its (class, colour, context)."""
+    labels = [(c, col, ctx) for c in CLASSES for col in COLOURS for ctx in CONTEXTS]
+    return [full_caption(*l) for l in labels], labels
+
+
+def _metric_batch(rng: np.random.Generator, n: int):
+    from .scene import random_scene
+
+    scenes = [random_scene(rng) for _ in range(n)]
+    labels = [(s.cls, s.colour, s.context) for s in scenes]
+    return render_batch(scenes), labels
+
+
+def metric_normalize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> the CLIP normalisation the metric model is trained and used with."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    x = (x + 1) / 2
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Noise and blur of the kind a small generator leaves, so the metric model is not
+    thrown by imperfect samples."""
+    x = x + torch.randn(x.shape, generator=gen) * 0.05 * torch.rand(len(x), 1, 1, 1, generator=gen)
+    blur = torch.rand(len(x), generator=gen) < 0.3
+    if blur.any():
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :]) / 16
+        w = k.expand(3, 1, 3, 3)
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), w, groups=3)
+    return x.clamp(-1, 1)
+
+
+def train_metric_model(size: BuildSize, seed: int):
+    """CLIP trained contrastively on renders and their full captions. Several images of
+    a batch share a caption, so the targets are every matching pair (multi-positive)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = models.metric_model()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    captions, labels = all_captions()
+    caption_tokens = tokenizer(captions)
+    index = {l: i for i, l in enumerate(labels)}
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    rng = np.random.default_rng(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    start, loss_value, steps_done = time.time(), float("nan"), 0
+    for step in range(size.metric_steps):
+        done = _progress(step, size.metric_steps, start, size.metric_minutes)
+        if done >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * _cosine(done, floor=0.0)
+        images, batch_labels = _metric_batch(rng, size.metric_batch)
+        x = metric_normalize(_degrade(to_tensor(images), gen))
+        ids = torch.tensor([index[l] for l in batch_labels])
+        img = F.normalize(model.encode_image(x), dim=-1)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        txt = F.normalize(model.encode_text(caption_tokens[unique]), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        # image -> its caption among the batch's distinct captions; caption -> each of its images
+        loss_i = F.cross_entropy(logits, inverse)
+        target_t = F.one_hot(inverse, len(unique)).T.float()
+        target_t = target_t / target_t.sum(1, keepdim=True)
+        loss_t = -(target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+        loss = (loss_i + loss_t) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        loss_value, steps_done = loss.item(), step + 1
+        if step % 50 == 0:
+            _log(f"metric model step {step + 1}/{size.metric_steps} loss {loss_value:.4f}")
+    model.eval().requires_grad_(False)
+    return model, {"steps": steps_done, "batch": size.metric_batch, "final_loss": loss_value,
+                   "seconds": round(time.time() - start, 1)}
+
+
+def save_metric_model(model, folder: Path) -> None:
+    """open_clip's own folder layout (config + safetensors), read back by
+    `open_clip.create_model("local-dir:FOLDER")`."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": models.METRIC_MODEL_CONFIG,
+              "preprocess_cfg": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+
+
+def write_pipeline(vae, text_encoder, unet, folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from ..models.tokenizer import clip_tokenizer
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=models.ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    # Weights ship in float16 (half the size); everything loads and runs them in float32.
+    pipe.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.to(torch.float32)
+
+
+def load_pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def weights_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_concepts(folder: Path, size: BuildSize, seed: int, log=_log) -> dict:
+    """The two personal concepts, fine-tuned by SVDiff on their five plain-background
+    references, long enough to forget contexts (the failure the samplers repair)."""
+    from PIL import Image
+
+    from ..training import train_concept
+
+    pipe = load_pipeline(folder)
+    results = {}
+    for i, (name, concept) in enumerate(CONCEPTS.items()):
+        scenes = reference_scenes(name, n=5, seed=seed + i)
+        images = [Image.fromarray(render(s)) for s in scenes]
+        out = folder / "concepts" / name
+        summary = train_concept(
+            pipe, images, phrase=concept["phrase"], superclass=concept["superclass"], method="svdiff",
+            out=out, steps=size.concept_steps, seed=seed + i, overwrite=True,
+            prior_preservation=size.concept_class_images > 0, class_images=size.concept_class_images,
+            progress=_every(100, lambda p, n=name: log(f"concept {n} step {p['step']}/{p['steps']} loss {p['loss']:.4f}")))
+        results[name] = {k: summary[k] for k in ("method", "steps", "seconds", "final_loss") if k in summary}
+    return results
+
+
+def _every(n: int, fn):
+    def call(p):
+        if p["step"] % n == 0 or p["step"] == p["steps"]:
+            fn(p)
+    return call
+
+
+# ---------------------------------------------------------------------------- the build
+
+def _check_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"--out: {out} is not empty; give a new folder or --resume an interrupted build")
+    if resume and out.exists() and any(out.iterdir()) and not (out / STATE_FILE).is_file():
+        raise UserError(f"--resume: {out} holds no interrupted world build ({STATE_FILE} is missing)")
+
+
+def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: bool = False,
+                size: BuildSize | None = None, check: bool = True) -> dict:
+    """Build the world into `out` and return its `world.json` record."""
+    out = Path(out)
+    _check_out(out, resume)
+    size = size or (QUICK if quick else FULL)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"parts": {}}
+
+    def done(part: str, record: dict) -> None:
+        state["parts"][part] = record
+        state_path.write_text(json.dumps(state, indent=2))
+
+    torch_threads = torch.get_num_threads()
+    total_start = time.time()
+    pipeline_ready = all((out / p).exists() for p in PIPELINE_PARTS) and "denoiser" in state["parts"]
+    if not pipeline_ready:
+        _log(f"rendering {size.images} training images")
+        images, captions = render_data(size.images, seed)
+        if "autoencoder" in state["parts"] and (out / ".work" / "vae").is_dir():
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(str(out / ".work" / "vae")).eval().requires_grad_(False)
+        else:
+            vae, record = train_autoencoder(images, size, seed)
+            vae.save_pretrained(str(out / ".work" / "vae"))
+            done("autoencoder", record)
+        mean, std = encode(vae, images)
+        scaling = float(1.0 / (mean.std().item() or 1.0))
+        vae.register_to_config(scaling_factor=scaling)
+        from ..models.tokenizer import clip_tokenizer
+        unet, text_encoder, record = train_denoiser(mean, std, scaling, captions, clip_tokenizer(), size, seed)
+        record["scaling_factor"] = scaling
+        write_pipeline(vae, text_encoder, unet, out)
+        done("denoiser", record)
+    if "metric_model" not in state["parts"]:
+        model, record = train_metric_model(size, seed)
+        save_metric_model(model, out / "metric")
+        done("metric_model", record)
+    if "concepts" not in state["parts"]:
+        done("concepts", train_concepts(out, size, seed))
+        _log("concepts trained")
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    world = {
+        "format": "personalize-world/1",
+        "seed": seed, "quick": quick, "size": asdict(size),
+        "image_size": models.IMAGE_SIZE, "latent_size": models.LATENT_SIZE,
+        "parts": state["parts"], "torch_threads": torch_threads,
+        "build_seconds": round(time.time() - total_start, 1),
+        "weights_sha256": weights_hash(out),
+        "concepts": {name: {"path": f"concepts/{name}", **c} for name, c in CONCEPTS.items()},
+        "metric_model": "metric",
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2))
+    state_path.unlink(missing_ok=True)
+    if check:
+        from .check import run_check
+        world["check"] = run_check(out, quick=quick)
+        (out / "world.json").write_text(json.dumps(world, indent=2))
+    return world

@@ -1,0 +1,238 @@
+"""`personalize world check`: every acceptance figure of the world, measured on a build.
+
+Each figure is a row: what was measured, its value, the target, whether it holds, and
+how many images stand behind it. The judge (pixels only) gives the fidelities, the
+world's own metric model gives IS and TS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from . import judge as J
+from .scene import CLASSES, COLOURS, CONCEPTS, CONTEXT_PROMPTS, CONTEXTS, fill, random_scene, reference_scenes, render, render_batch
+
+STEPS = 25
+GUIDANCE = 7.0
+SWEEP_W = tuple(range(8))          # w_s = 0..7, w_c = 7 - w_s
+CHECK_CONTEXTS = CONTEXT_PROMPTS[:8]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    target: str        # ">= 0.95", "<= 0.4", ...
+    images: int
+
+    @property
+    def ok(self) -> bool:
+        op, bound = self.target.split()
+        return self.value >= float(bound) if op == ">=" else self.value <= float(bound)
+
+    def row(self) -> dict:
+        return {"figure": self.name, "value": round(self.value, 4), "target": self.target, "ok": self.ok,
+                "images": self.images}
+
+
+# ---------------------------------------------------------------------------- loading
+
+REQUIRED = {"model_index.json": "the pipeline index", "unet": "the denoiser", "vae": "the autoencoder",
+            "text_encoder": "the text encoder", "tokenizer": "the tokenizer", "scheduler": "the scheduler",
+            "metric": "the metric model", "world.json": "the world record"}
+
+
+def check_world_folder(folder: str | Path) -> Path:
+    """A clear error naming the first missing part, before anything is loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"world: {folder} is not a folder")
+    if not (folder / "world.json").is_file() and not (folder / "model_index.json").is_file():
+        raise UserError(f"world: {folder} is not a world (no world.json, no model_index.json)")
+    for part, what in REQUIRED.items():
+        if not (folder / part).exists():
+            raise UserError(f"world: {folder} is missing {what} ({part})")
+    for name in CONCEPTS:
+        if not (folder / "concepts" / name).is_dir():
+            raise UserError(f"world: {folder} is missing the concept {name!r} (concepts/{name})")
+    return folder
+
+
+def load_world_pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class MetricModel:
+    """The world's CLIP: image and text embeddings, L2-normalised."""
+
+    def __init__(self, folder: Path):
+        import open_clip
+
+        self.model = open_clip.create_model(f"local-dir:{folder}").eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        cfg = json.loads((folder / "open_clip_config.json").read_text())["preprocess_cfg"]
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def images(self, images) -> torch.Tensor:
+        arr = np.stack([np.asarray(im.convert("RGB").resize((64, 64))) if hasattr(im, "convert") else im
+                        for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+        return torch.nn.functional.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+
+    @torch.inference_mode()
+    def texts(self, texts) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(texts))), dim=-1)
+
+
+# ---------------------------------------------------------------------------- the figures
+
+def metric_zero_shot(metric: MetricModel, n: int, seed: int) -> list[Figure]:
+    """Zero-shot over every fully specified caption: is the best caption's colour, class
+    and context the image's?"""
+    from .build import all_captions
+
+    captions, labels = all_captions()
+    text = metric.texts(captions)
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    best = (metric.images(list(render_batch(scenes))) @ text.T).argmax(1).tolist()
+    hits = np.array([[labels[b][0] == s.cls, labels[b][1] == s.colour, labels[b][2] == s.context]
+                     for b, s in zip(best, scenes)])
+    return [Figure("metric model: zero-shot colour", hits[:, 1].mean(), ">= 0.95", n),
+            Figure("metric model: zero-shot class", hits[:, 0].mean(), ">= 0.90", n),
+            Figure("metric model: zero-shot context", hits[:, 2].mean(), ">= 0.95", n)]
+
+
+def base_model(pipe, n: int, seed: int, batch: int = 50) -> list[Figure]:
+    """The base model on random prompts of the captions' form, judged from pixels."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        cls, colour = CLASSES[rng.integers(len(CLASSES))], list(COLOURS)[rng.integers(len(COLOURS))]
+        context = CONTEXTS[list(CONTEXTS)[rng.integers(len(CONTEXTS))]]
+        prompts.append(f"a {colour} {cls}" + (f" {context}" if context else ""))
+    verdicts = []
+    for i in range(0, n, batch):
+        chunk = prompts[i:i + batch]
+        images = pipe(chunk, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+                      generator=torch.Generator().manual_seed(seed + i)).images
+        verdicts += [J.judge(im, p) for im, p in zip(images, chunk)]
+    return [Figure("base model: judge colour", np.mean([v.colour_ok for v in verdicts]), ">= 0.85", n),
+            Figure("base model: judge class", np.mean([v.class_ok for v in verdicts]), ">= 0.75", n),
+            Figure("base model: judge context", np.mean([v.context_ok for v in verdicts]), ">= 0.90", n)]
+
+
+def sample(pipe, template: str, concept: dict, sampler: str, params: dict | None, images: int, seed: int):
+    from ..sampling.engine import run
+    from ..prompts import prompt_pair
+    from ..sampling.samplers import configure
+
+    pair = prompt_pair(template, concept["phrase"], concept["superclass"])
+    return run(pipe, pair, configure(sampler, params or {}, steps=STEPS), seed=seed, num_images=images,
+               height=64, width=64, concept_phrase=concept["phrase"]).images
+
+
+def concept_samplers(pipe, name: str, images: int, templates) -> list[Figure]:
+    """Concept, superclass and mixed sampling at their defaults: the study's overfit
+    concept, the generic class member, and the mix of both."""
+    concept = CONCEPTS[name]
+    figures = []
+    targets = {"concept": (">= 0.8", "<= 0.4"), "superclass": ("<= 0.1", ">= 0.85"), "mixed": (">= 0.6", ">= 0.6")}
+    for sampler, (concept_target, context_target) in targets.items():
+        verdicts = []
+        for k, template in enumerate(templates):
+            prompt = fill(template, concept["phrase"])
+            verdicts += [J.judge(im, prompt) for im in sample(pipe, template, concept, sampler, None, images, k)]
+        fid = J.fidelity(verdicts)
+        n = len(verdicts)
+        figures += [Figure(f"{name} / {sampler}: concept fidelity", fid["concept_fidelity"], concept_target, n),
+                    Figure(f"{name} / {sampler}: context fidelity", fid["context_fidelity"], context_target, n)]
+    return figures
+
+
+def mixed_sweep(pipe, metric: MetricModel, names, images: int, templates) -> tuple[list[Figure], list[dict]]:
+    """w_s = 0..7 with w_c = 7 - w_s: mean TS and context fidelity rise, mean IS and
+    concept fidelity fall (Spearman over the eight points)."""
+    from scipy.stats import spearmanr
+
+    from ..prompts import remove_concept
+
+    points = []
+    for w_s in SWEEP_W:
+        is_, ts, verdicts = [], [], []
+        for name in names:
+            concept = CONCEPTS[name]
+            refs = metric.images([render(s) for s in reference_scenes(name, n=5, seed=0)])
+            for k, template in enumerate(templates):
+                ims = sample(pipe[name], template, concept, "mixed", {"w_s": float(w_s), "w_c": float(7 - w_s)}, images, k)
+                emb = metric.images(ims)
+                is_ += (emb @ refs.T).mean(1).tolist()
+                ts += (emb @ metric.texts([remove_concept(template)]).T)[:, 0].tolist()
+                verdicts += [J.judge(im, fill(template, concept["phrase"])) for im in ims]
+        fid = J.fidelity(verdicts)
+        points.append({"w_s": w_s, "w_c": 7 - w_s, "is": float(np.mean(is_)), "ts": float(np.mean(ts)),
+                       "concept_fidelity": fid["concept_fidelity"], "context_fidelity": fid["context_fidelity"],
+                       "images": len(verdicts)})
+    n = sum(p["images"] for p in points)
+    w = [p["w_s"] for p in points]
+    rho = {key: float(spearmanr(w, [p[key] for p in points]).statistic) for key in
+           ("ts", "is", "context_fidelity", "concept_fidelity")}
+    figures = [Figure("mixed sweep: Spearman(w_s, TS)", rho["ts"], ">= 0.8", n),
+               Figure("mixed sweep: Spearman(w_s, IS)", rho["is"], "<= -0.8", n),
+               Figure("mixed sweep: Spearman(w_s, context fidelity)", rho["context_fidelity"], ">= 0.8", n),
+               Figure("mixed sweep: Spearman(w_s, concept fidelity)", rho["concept_fidelity"], "<= -0.8", n)]
+    return figures, points
+
+
+def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=print) -> dict:
+    """Measure every figure on the world at `folder`; the record is also written to
+    `world.json` under `check`."""
+    from ..concepts import apply_concept
+
+    folder = check_world_folder(folder)
+    start = time.time()
+    metric = MetricModel(folder / "metric")
+    figures = metric_zero_shot(metric, 60 if quick else 600, seed)
+    log(f"metric model done ({time.time() - start:.0f} s)")
+    base = load_world_pipeline(folder)
+    figures += base_model(base, 8 if quick else 200, seed)
+    log(f"base model done ({time.time() - start:.0f} s)")
+    templates = CHECK_CONTEXTS[:2] if quick else CHECK_CONTEXTS
+    images = 2 if quick else 8
+    pipes = {}
+    for name in CONCEPTS:
+        pipe = load_world_pipeline(folder)
+        apply_concept(pipe, folder / "concepts" / name)
+        pipes[name] = pipe
+        figures += concept_samplers(pipe, name, images, templates)
+        log(f"concept {name} done ({time.time() - start:.0f} s)")
+    sweep_figures, points = mixed_sweep(pipes, metric, list(CONCEPTS), 2 if quick else 4, templates)
+    figures += sweep_figures
+    record = {"figures": [f.row() for f in figures], "sweep": points, "all_ok": all(f.ok for f in figures),
+              "seconds": round(time.time() - start, 1), "quick": quick}
+    world_json = folder / "world.json"
+    if world_json.is_file():
+        world = json.loads(world_json.read_text())
+        world["check"] = record
+        world_json.write_text(json.dumps(world, indent=2))
+    return record
+
+
+def format_table(record: dict) -> str:
+    lines = ["| figure | value | target | holds | images |", "|---|---|---|---|---|"]
+    for f in record["figures"]:
+        lines.append(f"| {f['figure']} | {f['value']:.3f} | {f['target']} | {'yes' if f['ok'] else 'NO'} | {f['images']} |")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The world's networks: sizes chosen so that everything trains on a 2-core CPU within
+the hour and ships in a few megabytes.
+
+Each builder is seeded by the caller and returns a fresh, untrained module. The
+autoencoder maps 64x64 RGB to a 16x16x4 latent (a factor of 4, where Stable Diffusion
+uses 8), the denoiser is a Stable-Diffusion-style UNet with cross-attention at 16x16 and
+8x8 so that attention masks and attention swaps act as they do on SD, and the text
+encoder is a small CLIP text transformer over the real CLIP tokenizer.
+"""
+
+from __future__ import annotations
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16
+TEXT_WIDTH = 64
+
+# One home for the noise schedule the world trains and samples with (Stable Diffusion's).
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", prediction_type="epsilon")
+
+# open_clip model config of the metric model: a small ViT over 8x8 patches of the 64x64
+# image, and a text tower over the real CLIP vocabulary.
+METRIC_MODEL_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+    "quick_gelu": False,
+}
+
+
+def autoencoder():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
+        block_out_channels=(16, 32, 64), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        mid_block_add_attention=False,
+    )
+
+
+def denoiser():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                # diffusers reads `attention_head_dim` of this class as the number of heads: heads of 32 channels.
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(1, 2, 2), norm_num_groups=16,
+    )
+
+
+def text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+
+
+def metric_model():
+    import open_clip
+
+    return open_clip.CLIP(**{k: v for k, v in METRIC_MODEL_CONFIG.items()})
+
+
+def ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False)

@@ -1,0 +1,117 @@
+"""`world build --quick` end to end: what it writes loads with diffusers, open_clip and
+the concept loader; its check measures every figure; bad folders get clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from personalize.errors import UserError
+from personalize.world import build, check
+from personalize.world.scene import CONCEPTS
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "w"
+    world = build.build_world(out, quick=True, check=False)
+    return out, world
+
+
+def test_build_records_every_part(quick_world):
+    out, world = quick_world
+    record = json.loads((out / "world.json").read_text())
+    assert record == world
+    assert set(record["parts"]) == {"autoencoder", "denoiser", "metric_model", "concepts"}
+    for part in ("autoencoder", "denoiser", "metric_model"):
+        assert record["parts"][part]["steps"] > 0
+        assert np.isfinite(record["parts"][part]["final_loss"])
+    assert set(record["parts"]["concepts"]) == set(CONCEPTS)
+    assert not (out / build.STATE_FILE).exists() and not (out / ".work").exists()
+
+
+def test_pipeline_loads_with_diffusers(quick_world):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = quick_world
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red ball in the snow", num_inference_steps=3, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((out / "world.json").read_text())
+                                                           ["parts"]["denoiser"]["scaling_factor"])
+
+
+def test_concepts_load_and_change_the_model(quick_world):
+    from personalize.concepts import apply_concept
+    from personalize.prompts import prompt_pair
+    from personalize.sampling.samplers import configure
+    from personalize.sampling.engine import run
+
+    out, _ = quick_world
+    pipe = check.load_world_pipeline(out)
+    pair = prompt_pair("a {} in the snow", "sks star", "star")
+    config = configure("concept", steps=4)
+    base = run(pipe, pair, config, seed=0, height=64, width=64, decode=False).latents
+    concept = json.loads((out / "concepts" / "star" / "concept.json").read_text())
+    assert concept["phrase"] == "sks star" and concept["method"] == "svdiff"
+    assert len(concept["references"]) == 5
+    applied = apply_concept(pipe, out / "concepts" / "star")
+    tuned = run(pipe, pair, config, seed=0, height=64, width=64, decode=False).latents
+    applied.remove()
+    again = run(pipe, pair, config, seed=0, height=64, width=64, decode=False).latents
+    assert not torch.equal(base, tuned)
+    assert torch.equal(base, again)
+
+
+def test_metric_model_embeds_images_and_texts(quick_world):
+    out, _ = quick_world
+    metric = check.MetricModel(out / "metric")
+    images = metric.images([np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)])
+    texts = metric.texts(["a photo of a red ball", "a photo of a blue box in the snow"])
+    assert images.shape == (2, 64) and texts.shape == (2, 64)
+    assert torch.allclose(images.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_quick_check_measures_every_figure(quick_world):
+    out, _ = quick_world
+    record = check.run_check(out, quick=True, log=lambda *_: None)
+    names = [f["figure"] for f in record["figures"]]
+    assert len(names) == 3 + 3 + 2 * 3 * 2 + 4
+    assert all(0 <= f["images"] for f in record["figures"])
+    assert [p["w_s"] for p in record["sweep"]] == list(range(8))
+    assert "| figure | value |" in check.format_table(record)
+    assert json.loads((out / "world.json").read_text())["check"] == record
+
+
+def test_build_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        build.build_world(tmp_path, quick=True)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_check_names_a_missing_part(quick_world, tmp_path):
+    out, _ = quick_world
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(UserError, match="denoiser"):
+        check.check_world_folder(broken)
+    shutil.copytree(out / "unet", broken / "unet")
+    shutil.rmtree(broken / "concepts" / "ball")
+    with pytest.raises(UserError, match="ball"):
+        check.check_world_folder(broken)
+
+
+def test_check_refuses_a_folder_that_is_not_a_world(tmp_path):
+    with pytest.raises(UserError, match="not a world"):
+        check.check_world_folder(tmp_path)
+    with pytest.raises(UserError, match="not a folder"):
+        check.check_world_folder(tmp_path / "absent")
