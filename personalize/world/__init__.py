@@ -7,8 +7,10 @@ from .scene import (
     CLASSES, COLOURS, CONCEPTS, CONTEXTS, SIZE, WORLD_PROMPTS, Scene, fill, random_caption, random_scene,
     reference_scenes, render, render_batch,
 )
+from .judge import Verdict, fidelity, judge, parse_prompt, read_image
 
 __all__ = [
     "CLASSES", "COLOURS", "CONCEPTS", "CONTEXTS", "SIZE", "WORLD_PROMPTS", "Scene", "fill", "random_caption",
     "random_scene", "reference_scenes", "render", "render_batch",
+    "Verdict", "fidelity", "judge", "parse_prompt", "read_image",
 ]

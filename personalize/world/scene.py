@@ -69,6 +69,7 @@ THIRD = SIZE // 3                 # 21: end of the upper third (snow, beach sky)
 SEA_END = THIRD + 6               # 27: first sand row
 MOUNTAIN_GRASS = SIZE - round(SIZE / 5)   # 51: first grass row under the mountain
 HOUSE_GRASS = SIZE - round(SIZE / 3)      # 43: first grass row of the blue house
+MOUNTAIN_APEX, MOUNTAIN_CAP_END = 8, 20   # the mountain's top row; its white cap ends above row 20
 CITY_MIN_H, CITY_MAX_H = 15, 35
 # First ground row of each context with a horizon: an object's bottom row lies below it.
 HORIZON = {"snow": THIRD, "beach": SEA_END, "mountain": MOUNTAIN_GRASS, "blue house": HOUSE_GRASS}
@@ -194,11 +195,11 @@ def _background(context: str, rng: np.random.Generator) -> np.ndarray:
     elif context == "mountain":
         img[:] = SKY
         apex_x = 32 + int(rng.integers(-6, 7))
-        apex_y = 8
+        apex_y = MOUNTAIN_APEX
         base = MOUNTAIN_GRASS
         mnt = _poly_mask([(apex_x - 46, base), (apex_x + 46, base), (apex_x, apex_y)])
         _fill(img, mnt, ROCK)
-        _fill(img, mnt & (_YY < apex_y + 12), CAP)
+        _fill(img, mnt & (_YY < MOUNTAIN_CAP_END), CAP)
         img[MOUNTAIN_GRASS:] = GRASS
     elif context == "blue house":
         img[:] = SKY
