@@ -1,4 +1,4 @@
-"""SD-XL and PixArt-alpha: diffusers parity, every sampler with the spec's identities,
+"""SD-XL and PixArt-alpha: diffusers parity, every sampler with the identities of docs/samplers.md,
 attention hooks on a transformer, loading."""
 
 import copy
@@ -119,7 +119,7 @@ def test_pixart_with_its_multistep_scheduler(pipes, prompts):
     assert rel_diff(unswapped, concept) < TOL
 
 
-# -- every sampler, the spec's identities ----------------------------------------------------
+# -- every sampler, the identities of docs/samplers.md ----------------------------------------------------
 
 IDENTITIES = [
     (("mixed", {"w_s": 0.0, "w_c": 6.0}), ("concept", {"w": 6.0})),

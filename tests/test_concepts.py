@@ -230,7 +230,7 @@ def deltas_for(model, names, seed) -> dict:
 
 
 def recompute(weight, delta, scale):
-    """The spec's W' = U diag(relu(S + scale*delta)) V^T, written out independently; a 1-D
+    """SVDiff's W' = U diag(relu(S + scale*delta)) V^T, written out independently; a 1-D
     weight w is the rank-1 matrix (1, C), whose only singular value is |w|."""
     if weight.ndim == 1:
         norm = weight.norm()

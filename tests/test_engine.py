@@ -1,4 +1,4 @@
-"""The denoising loop: diffusers parity, the spec's identities, rows evaluated, callback."""
+"""The denoising loop: diffusers parity, the identities of docs/samplers.md, rows evaluated, callback."""
 
 import functools
 

@@ -27,7 +27,7 @@ def test_defaults_are_the_papers_points():
 
 
 def test_cost_table_rows_per_step():
-    """The spec's cost table: concept, superclass, switching 2; mixed 3; multi-stage and
+    """The cost table of docs/samplers.md: concept, superclass, switching 2; mixed 3; multi-stage and
     masked 2 in their first stage then 3; ProFusion 5; Photoswap 4 while it swaps."""
     assert rows("concept") == [2] * N
     assert rows("superclass") == [2] * N
@@ -90,3 +90,28 @@ def test_bad_parameters(name, params, message):
 def test_bad_steps():
     with pytest.raises(UserError, match="--steps"):
         configure("concept", {}, 0)
+
+
+def test_each_sampler_has_one_documented_rule():
+    """Every sampler's rule is one function registered on its spec, citing its paper."""
+    for spec in SAMPLERS.values():
+        assert spec.step_rule.__name__ == f"{spec.name}_step"
+        assert "arXiv:" in spec.step_rule.__doc__
+
+
+def test_readme_cost_column_is_the_derived_cost():
+    """The README's cost column is what the plans cost; nothing is typed twice."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\w+) \| .* \| .* \| ([^|]+) \|$", readme, re.M)}
+    for spec in SAMPLERS.values():
+        assert table[spec.name].strip() == spec.cost_summary(), spec.name
+
+
+def test_cost_summary_follows_the_plan():
+    """The summary changes when the plan changes (a parameter that moves the stage border)."""
+    assert SAMPLERS["multistage"].cost_per_step(20) == rows("multistage", steps=20)
+    assert SAMPLERS["photoswap"].cost_summary() == "4 (steps 0-19), then 2 (steps 20-49)"
+    assert SAMPLERS["mixed"].describe()["rows_per_step"] == 3

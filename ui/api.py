@@ -1,5 +1,5 @@
-"""The web API endpoints of interfaces.md (`/generate`, `/compare`), on hidden components
-so that their signatures are exactly the spec's."""
+"""The web API endpoints `/generate` and `/compare` (docs/interfaces.md), on hidden
+components so that their signatures are exactly the documented ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from personalize.sampling.samplers import SAMPLERS
 from .compare import compare_runs, parse_json_object
 from .explore import record_run
 from .gpu import gpu
-from personalize.errors import shown
+from .errors import shown
 
 
 def create_api(lab: Lab, state: gr.State):

@@ -12,7 +12,7 @@ from personalize.sampling.samplers import SAMPLERS
 
 from .explore import record_run, score
 from .gpu import gpu
-from personalize.errors import shown
+from .errors import shown
 
 
 def parse_json_object(text: str, what: str) -> dict:

@@ -6,7 +6,7 @@ import gradio as gr
 
 from personalize.errors import UserError
 from personalize.runs.lab import Lab
-from personalize.errors import shown
+from .errors import shown
 
 
 def create_concept(lab: Lab, state: gr.State, references: gr.Gallery):

@@ -1,5 +1,5 @@
 """Sampler parameter controls: one control per parameter name, shown for the samplers
-that have it, with the spec's ranges and defaults."""
+that have it, with the study's ranges and defaults (docs/samplers.md)."""
 
 from __future__ import annotations
 

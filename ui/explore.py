@@ -17,7 +17,7 @@ from personalize.sampling.samplers import SAMPLERS
 
 from .controls import PARAM_NAMES, control_updates, create_controls, params_from
 from .gpu import gpu
-from personalize.errors import shown
+from .errors import shown
 
 HISTORY_HEADERS = ["#", "sampler", "params", "seed", "steps", "IS", "TS", "TS class", "rows", "seconds"]
 

@@ -11,7 +11,7 @@ def guide_markdown() -> str:
     lines = ["| sampler | rule | denoiser rows per step | when to use it (the study, section 4) |",
              "|---|---|---|---|"]
     for s in SAMPLERS.values():
-        lines.append(f"| **{s.title}** | `{s.rule}` | {s.rows} | {s.when} |")
+        lines.append(f"| **{s.title}** | `{s.formula}` | {s.cost_summary()} | {s.when} |")
     lines.append("")
     lines.append("The study's framework: start with **mixed** sampling (stable, 1.5x the batch of plain "
                  "sampling); if compute is tight, **switching** costs nothing extra but may lose identity; "

@@ -1,5 +1,5 @@
 """Study: the pairwise user study (a participant's tasks, one at a time), an admin view of
-the report, and the three web API endpoints of interfaces.md (`/study_task`,
+the report, and the three web API endpoints of docs/interfaces.md (`/study_task`,
 `/study_answer`, `/study_report`) on hidden components.
 
 A participant is the Hugging Face login on a Space where they signed in, else an
@@ -18,7 +18,7 @@ import gradio as gr
 from personalize.errors import UserError
 from personalize.study.tasks import QUESTION_TEXT, QUESTIONS, Study, format_report
 
-from personalize.errors import shown
+from .errors import shown
 
 CHOICES = [("1", "1"), ("2", "2"), ("Can't decide", "cant_decide")]
 INTRO = ("**User study.** Each task shows an original image of a subject, a text prompt, and two generated "
@@ -71,7 +71,7 @@ def create_study(study: Study):
             export = gr.File(label="All answers (CSV)")
         api = gr.Column(visible=False)  # inside the tab: gr.Tabs takes only tabs
 
-    # The web API: inputs and outputs exactly as interfaces.md lists them.
+    # The web API: inputs and outputs exactly as docs/interfaces.md lists them.
     with api:
         api_participant = gr.Textbox(label="participant id")
         api_task = gr.Textbox(label="task id")

@@ -8,7 +8,7 @@ from personalize.errors import UserError
 
 
 def add_arguments(g) -> None:
-    g.add_argument("--model", default=None, help="base pipeline folder or hub id (default: the offline demo model)")
+    g.add_argument("--model", default=None, help="base pipeline folder or hub id (default: the study's SD 2 base on a CUDA GPU, else the shipped world model, else the offline demo model)")
     g.add_argument("--concept", default=None, help="fine-tuned concept: DreamBooth folder, LoRA, textual "
                    "inversion, Custom Diffusion or SVDiff file/folder (autodetected)")
     g.add_argument("--concept-scale", type=float, default=1.0, help="strength of a LoRA or SVDiff concept")

@@ -16,7 +16,7 @@ def command(args) -> int:
         print(json.dumps([s.describe() for s in SAMPLERS.values()], indent=2))
         return 0
     for s in SAMPLERS.values():
-        print(f"{s.name:<11} rows/step {s.rows:<40} {s.rule}")
+        print(f"{s.name:<11} rows/step {s.cost_summary():<40} {s.formula}")
         for p in s.params:
             d = p.describe()
             rng = "{" + ", ".join(d["choices"]) + "}" if "choices" in d else f"[{d['range'][0]}, {d['range'][1]}]"

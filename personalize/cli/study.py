@@ -22,9 +22,9 @@ def add_arguments(parser) -> None:
                    help="real images of a concept (a folder or a file); default: its model's concept.json")
     b.add_argument("--seed", type=int, default=0, help="seed of the left/right and sampling draws")
 
-    d = actions.add_parser("demo", help="a small ready study on the offline demo model")
+    d = actions.add_parser("demo", help="a small ready study on the default model")
     d.add_argument("out", help="the new study folder")
-    d.add_argument("--model", default=None, help="the demo model folder (default: written on first use)")
+    d.add_argument("--model", default=None, help="the base model folder (default: see loading.default_model)")
 
     r = actions.add_parser("report", help="the win-rate table of the answers so far")
     r.add_argument("study", help="the study folder")

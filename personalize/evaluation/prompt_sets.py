@@ -9,7 +9,7 @@ from __future__ import annotations
 from personalize.errors import UserError
 from personalize.prompts import check_template
 
-# The benchmark's subjects (folder name -> class noun), as in evaluation.md.
+# The benchmark's subjects (folder name -> class noun), as listed in docs/evaluation.md.
 LIVE_SUBJECTS = {
     "cat": "cat", "cat2": "cat", "dog": "dog", "dog2": "dog", "dog3": "dog", "dog5": "dog",
     "dog6": "dog", "dog7": "dog", "dog8": "dog",
@@ -48,7 +48,7 @@ DREAMBENCH_LIVE = _BOTH_FIRST + [
     "a {} in a purple wizard outfit",
 ] + _BOTH_LAST
 
-# Appendix H of paper.txt, word for word (its `V*` written as `{}`). The text is kept as
+# Appendix H of the study (arXiv:2502.05895), word for word (its `V*` written as `{}`). The text is kept as
 # printed, misspellings included ("chief outfit", "contonish", "smowy", ...): TS depends
 # on the exact words, and the printed text is the only record of what the study used.
 # The printed object list stops after 8 of its 10 prompts; those 8 are all there is.
@@ -81,7 +81,17 @@ COMPLEX_OBJECT = [
     "showcasing muted tones and soft grays",
 ]
 
+# The world's prompts (docs/world.md): its nine context prompts and six colour prompts,
+# standing in for the benchmark's object prompts.
+WORLD = [
+    "a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street",
+    "a {} on top of pink fabric", "a {} on top of a wooden floor", "a {} with a city in the background",
+    "a {} with a mountain in the background", "a {} with a blue house in the background",
+    "a red {}", "a orange {}", "a yellow {}", "a green {}", "a blue {}", "a purple {}",
+]
+
 PROMPT_SETS: dict[str, list[str]] = {
+    "world": WORLD,
     "dreambench-object": DREAMBENCH_OBJECT,
     "dreambench-live": DREAMBENCH_LIVE,
     "complex-object": COMPLEX_OBJECT,

@@ -15,7 +15,70 @@ DEVICES = ("cpu", "cuda", "mps")
 SCHEDULERS = ("model", "ddim")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+STUDY_MODEL = "stabilityai/stable-diffusion-2-base"  # the study's base model
+
 _cache: dict[tuple, object] = {}
+
+
+def study_model_available(timeout: float = 5.0) -> bool:
+    """Whether the study's base model can be had here: in the local hub cache, or from
+    the hub (a short check; offline machines say no at once)."""
+    import os
+
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(STUDY_MODEL, local_files_only=True, allow_patterns=["model_index.json"])
+        return True
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import HfApi
+        HfApi().model_info(STUDY_MODEL, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def shipped_world_folder() -> Path | None:
+    """The trained world model shipped in `assets/world/`, if this checkout has it."""
+    try:
+        from personalize.world.paths import shipped_world
+    except ImportError:  # a checkout without the world package
+        return None
+    return shipped_world()
+
+
+def default_model() -> tuple[str, str]:
+    """The base model a run uses when none is named, and why: the study's SD 2 base when a
+    CUDA GPU is present and the model can be had; else the small trained world model
+    shipped in `assets/world/` when it is there; else the offline demo model (random
+    weights, written on first use)."""
+    if torch.cuda.is_available() and study_model_available():
+        return STUDY_MODEL, "the study's base model (a CUDA GPU is present and its weights can be had)"
+    world = shipped_world_folder()
+    if world is not None:
+        why = ("no CUDA GPU here" if not torch.cuda.is_available() else "the study's base model cannot be had here")
+        return str(world), f"the shipped world model ({why})"
+    from personalize.models.demo import ensure_demo_model
+
+    return str(ensure_demo_model()), "the offline demo model (no GPU with the study's model, and no shipped world model)"
+
+
+def model_size(model: str) -> int | None:
+    """The image side a pipeline folder was made for, `sample_size * vae_scale_factor`,
+    read from its configs without loading it; None for a hub id."""
+    folder = Path(model)
+    vae = folder / "vae" / "config.json"
+    factor = 8
+    if vae.is_file():
+        factor = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) - 1)
+    for part in ("unet", "transformer"):
+        config = folder / part / "config.json"
+        if config.is_file():
+            return int(json.loads(config.read_text()).get("sample_size", 64)) * factor
+    return None
 
 
 def check_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -4,7 +4,6 @@ that can be stopped, side-by-side comparisons, scores, and a session's chart."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -15,31 +14,12 @@ from PIL import Image, UnidentifiedImageError
 
 from personalize.runs import request as runs
 from personalize.errors import UserError
-from personalize.models.loading import check_model, read_concept_json
+from personalize.models.loading import STUDY_MODEL, check_model, default_model, model_size, read_concept_json
+from personalize.models.loading import study_model_available  # noqa: F401  (re-exported)
 from personalize.runs.preview import latents_to_rgb, map_to_image
 
-STUDY_MODEL = "stabilityai/stable-diffusion-2-base"  # the study's base model
 MAX_UPLOAD_MB = 256
 PREVIEW_ZOOM = 8  # one latent pixel is 8 image pixels in SD's VAE
-
-
-def study_model_available(timeout: float = 5.0) -> bool:
-    """Whether the study's base model can be had here: in the local hub cache, or from
-    the hub (a short check; offline machines say no at once)."""
-    try:
-        from huggingface_hub import snapshot_download
-        snapshot_download(STUDY_MODEL, local_files_only=True, allow_patterns=["model_index.json"])
-        return True
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        from huggingface_hub import HfApi
-        HfApi().model_info(STUDY_MODEL, timeout=timeout)
-        return True
-    except Exception:
-        return False
 
 
 @dataclass
@@ -74,12 +54,12 @@ class Lab:
                  superclass: str | None = None, device: str = "cpu", dtype: str = "float32",
                  try_study_model: bool = True):
         self.demo = False
-        if model is None and try_study_model and study_model_available():
-            model = STUDY_MODEL
+        self.reason = "named on the command line"
+        if model is None and try_study_model:
+            model, self.reason = default_model()
         if model is None:
             from personalize.models.demo import ensure_demo_model
-            model = str(ensure_demo_model())
-            self.demo = True
+            model, self.reason = str(ensure_demo_model()), "the offline demo model (the study's model was not tried)"
         model = check_model(model)
         self.model, self.device, self.dtype = model, device, dtype
         meta = read_concept_json(model) if Path(model).is_dir() else None
@@ -97,8 +77,9 @@ class Lab:
         if self.demo:
             return ("Running on the **offline demo model**: a small Stable-Diffusion-architecture pipeline with "
                     "random weights (no weights could be had here), so images are noise-like. Every sampler "
-                    "runs exactly as on a real model; start with `--model` for real images.")
-        return f"Model: `{self.model}` on {self.device} ({self.dtype})."
+                    "runs exactly as on a real model; start with `--model` for real images. "
+                    f"Chosen because: {self.reason}.")
+        return f"Model: `{self.model}` on {self.device} ({self.dtype}): {self.reason}."
 
     def served_folders(self) -> list[str]:
         """Folders whose files the app may serve (the default concept's reference images)."""
@@ -234,13 +215,9 @@ class Lab:
 
 
 def default_size(model: str) -> int:
-    """The image size a model folder was made for (its denoiser's sample size times 8),
-    read without loading the model; 512 (the study's SD 2 base) for hub ids."""
-    for part in ("unet", "transformer"):
-        config = Path(model) / part / "config.json"
-        if config.is_file():
-            return int(json.loads(config.read_text()).get("sample_size", 64)) * 8
-    return 512
+    """The image size a model was made for (`sample_size * vae_scale_factor`, read without
+    loading it); 512 (the study's SD 2 base) for hub ids."""
+    return model_size(model) or 512
 
 
 def check_upload(path: str, *, suffixes: tuple[str, ...], max_mb: int = MAX_UPLOAD_MB) -> Path:

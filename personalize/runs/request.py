@@ -22,7 +22,7 @@ class Request:
     prompt: str
     sampler: str = "concept"
     params: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None            # None: the offline demo model
+    model: str | None = None            # None: loading.default_model()
     concept: str | None = None
     concept_scale: float = 1.0
     concept_phrase: str | None = None   # None: from the model's concept.json
@@ -47,6 +47,7 @@ class Prepared:
     model: str
     concept_phrase: str
     superclass: str
+    label: str | None = None  # how the run card names a model chosen by default_model()
 
 
 def check(req: Request) -> Prepared:
@@ -65,9 +66,12 @@ def check(req: Request) -> Prepared:
     if req.concept is not None:
         from personalize.concepts.apply import detect_format
         detect_format(req.concept)
+    label = None
     if req.model is None:
-        from personalize.models.demo import ensure_demo_model
-        model = str(ensure_demo_model())
+        from personalize.models.demo import default_demo_path
+        from personalize.models.loading import default_model
+        model, _reason = default_model()
+        label = f"demo ({model})" if Path(model) == default_demo_path() else f"default ({model})"
     else:
         model = check_model(req.model)
     meta = read_concept_json(model) or {}
@@ -78,7 +82,7 @@ def check(req: Request) -> Prepared:
     if not superclass:
         raise UserError("--superclass: not given, and the model has no concept.json to take it from")
     prompts = prompt_pair(req.prompt, phrase, superclass)
-    return Prepared(req, config, prompts, model, phrase, superclass)
+    return Prepared(req, config, prompts, model, phrase, superclass, label)
 
 
 def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = None):
@@ -93,7 +97,7 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     card = run_card(config=prep.config, prompts=prep.prompts, negative_prompt=req.negative_prompt,
                     concept_phrase=prep.concept_phrase, superclass=prep.superclass, seed=req.seed,
                     num_images=req.num_images, height=height, width=width,
-                    model=req.model or f"demo ({prep.model})",
+                    model=req.model or prep.label,
                     concept=None if applied is None else {"path": applied.path, "format": applied.format,
                                                           "scale": req.concept_scale},
                     scheduler=type(pipe.scheduler).__name__, device=req.device, dtype=req.dtype, result=result)

@@ -118,6 +118,9 @@ def token_attention(query: torch.Tensor, key: torch.Tensor, token: int, scale: f
     return logits.softmax(dim=-1)[..., token].mean(dim=1)
 
 
+# Copied from diffusers.models.attention_processor.AttnProcessor2_0 with the study's two hook
+# points added (Photoswap's query/key and feature swaps, the masked sampler's token map)
+# and the deprecation shim for `scale` dropped.
 class StudyAttnProcessor:
     """diffusers' `AttnProcessor2_0` with the study's two hook points (see module doc)."""
 

@@ -67,7 +67,7 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
     model.check_size(height, width)
     steps = plan(config)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a fresh state for each run
-    if config.name == "profusion":
+    if any(step.fusion for step in steps):
         check_profusion_scheduler(scheduler)
     needs_mask = any(s.mask for s in steps)
     needs_swap = any(s.swap for s in steps)
@@ -113,22 +113,20 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
                     total_rows += n_rows
                 if latents_s is not None and not step.swap:
                     latents_s = scheduler_s = None  # the superclass trajectory is no longer read
-                x = torch.cat([latents, latents, latents_s, latents_s]) if step.swap else None
                 hooks.begin(i, step, num_images)
-                e = predict(model, scheduler, t, latents if x is None else x, step.rows, conds, repeat=x is None)
-                total_rows += len(step.rows) * num_images
                 attention = mask = None
                 if step.swap:
-                    noise = guide(e[:2], {C: step.weights[C]})
-                    latents_s = advance(scheduler_s, guide(e[2:], {S: step.weights_s[S]}), t, latents_s,
-                                        extra_step_kwargs, output_index)
+                    e, noise, noise_s = swap_step(model, scheduler, t, step, latents, latents_s, conds)
+                    latents_s = advance(scheduler_s, noise_s, t, latents_s, extra_step_kwargs, output_index)
                 else:
+                    e = predict(model, scheduler, t, latents, step.rows, conds)
                     named = dict(zip(step.rows, e))
-                    noise = guide(named, step.weights)
+                    noise = combine(named, step.weights)
                     if step.mask:
                         attention = hooks.attention_map(latents.shape[-2:])
                         mask = guidance.quantile_mask(attention, step.mask.q)
-                        noise = guidance.masked(noise, guide(named, step.outside), mask)
+                        noise = guidance.masked(noise, combine(named, step.outside), mask)
+                total_rows += len(step.rows) * num_images
                 latents = advance(scheduler, noise, t, latents, extra_step_kwargs, output_index)
                 step_rows.append(total_rows - rows_before)
                 if callback is not None:
@@ -149,13 +147,22 @@ def advance(scheduler, noise, t, latents, extra_step_kwargs: dict, output_index:
     return out[min(output_index, len(out) - 1)]
 
 
-def guide(e, weights: dict) -> torch.Tensor:
-    """Apply `guidance.guide` to predictions given as {branch: tensor} or as the pair
-    [e_u, e_x] of a Photoswap trajectory."""
-    if not isinstance(e, dict):
-        (b,) = weights
-        e = {U: e[0], b: e[1]}
+def combine(e: dict[str, torch.Tensor], weights: dict) -> torch.Tensor:
+    """`guidance.guide` over predictions named by branch ({branch: tensor}) with the plan's
+    weights ({branch: scale}); `e_u` may be absent when the weights sum to 1."""
     return guidance.guide(e.get(U), {b: (e[b], w) for b, w in weights.items()})
+
+
+def swap_step(model: Backbone, scheduler, t, step: Step, latents, latents_s, conds):
+    """Photoswap's step (arXiv:2305.18286): the concept trajectory `latents` and the
+    superclass trajectory `latents_s` in one denoiser call, rows `[u, C | u, S]`; the
+    attention processors swap between the C and S rows. Returns the four predictions and
+    the guided noise of each trajectory."""
+    x = torch.cat([latents, latents, latents_s, latents_s])
+    e = predict(model, scheduler, t, x, step.rows, conds, repeat=False)
+    noise = combine({U: e[0], C: e[1]}, step.weights)
+    noise_s = combine({U: e[2], S: e[3]}, step.weights_s)
+    return e, noise, noise_s
 
 
 def predict(model: Backbone, scheduler, t, latents, rows, conds: dict[str, Conditioning], *,
@@ -198,11 +205,7 @@ def fuse(model: Backbone, scheduler, step: Step, i: int, t, latents, conds, gene
         hooks.begin(i, None, latents.shape[0])
         e = dict(zip(fusion.rows, predict(model, scheduler, t, latents, fusion.rows, conds)))
         rows += len(fusion.rows) * latents.shape[0]
-        e_tilde = guide(e, fusion.weights)
+        e_tilde = combine(e, fusion.weights)
         z = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         latents = guidance.fusion_update(latents, e_tilde, z, sigma, a_t, a_p)
     return latents, rows
-
-
-def decode_latents(pipe, latents, generator) -> list:
-    return backbone(pipe).decode(latents, generator)

@@ -1,6 +1,6 @@
 """Guidance rules of the study: small pure functions of noise predictions.
 
-Names follow `../shared/spec/samplers.md`: `e_u` unconditional (negative prompt), `e_C`
+Names follow docs/samplers.md: `e_u` unconditional (negative prompt), `e_C`
 concept prompt, `e_S` superclass prompt. Nothing here touches a model.
 """
 

@@ -9,7 +9,7 @@ follows the plan, so no step ever evaluates a branch it does not use.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +53,18 @@ def _steps(name, default, help_):
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """A sampler: its parameters, its rule and the study's advice.
+
+    `step_rule(config, i)` is the sampler's rule: the `Step` (branches to evaluate and how
+    to combine them) of denoising step `i`. The cost per step is derived from it
+    (`cost_per_step`), never typed by hand.
+    """
+
     name: str
     title: str
-    rule: str
+    formula: str       # the rule in one line, for tables
     params: tuple[Param, ...]
-    rows: str          # denoiser batch rows per step, as the spec's cost table says
-    rows_per_step: int
+    step_rule: Callable[["SamplerConfig", int], "Step"]
     when: str          # the study's advice (section 4)
 
     def param(self, name: str) -> Param:
@@ -67,61 +73,26 @@ class SamplerSpec:
                 return p
         raise KeyError(name)
 
+    def cost_per_step(self, steps: int = 50) -> list[int]:
+        """Denoiser batch rows of each step of a run with the default parameters."""
+        return [step.cost for step in plan(configure(self.name, {}, steps))]
+
+    def cost_summary(self, steps: int = 50) -> str:
+        """The per-step cost of the default plan in words: "3", or "2 (steps 0-9), then 3"."""
+        runs: list[list[int]] = []  # [cost, first step, last step]
+        for i, cost in enumerate(self.cost_per_step(steps)):
+            if runs and runs[-1][0] == cost:
+                runs[-1][2] = i
+            else:
+                runs.append([cost, i, i])
+        if len(runs) == 1:
+            return str(runs[0][0])
+        return ", then ".join(f"{c} (steps {a}-{b})" if a != b else f"{c} (step {a})" for c, a, b in runs)
+
     def describe(self) -> dict:
-        return {"name": self.name, "title": self.title, "rule": self.rule,
-                "rows_per_step": self.rows_per_step, "rows": self.rows, "when": self.when,
+        return {"name": self.name, "title": self.title, "rule": self.formula,
+                "rows_per_step": max(self.cost_per_step()), "rows": self.cost_summary(), "when": self.when,
                 "params": [p.describe() for p in self.params]}
-
-
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
-    SamplerSpec("concept", "Concept", "e_u + w (e_C - e_u)  (eq. 4)",
-                (_scale("w", 7.0, "guidance scale"),), "2", 2,
-                "The fine-tuned model as it is: best concept fidelity, often loses the prompt's context."),
-    SamplerSpec("superclass", "Superclass", "e_u + w (e_S - e_u)  (eq. 5)",
-                (_scale("w", 7.0, "guidance scale"),), "2", 2,
-                "Follows the prompt, but draws a random member of the class, not your concept."),
-    SamplerSpec("mixed", "Mixed", "e_u + w_s (e_S - e_u) + w_c (e_C - e_u)  (eq. 6)",
-                (_scale("w_c", 3.5, "concept guidance scale"), _scale("w_s", 3.5, "superclass guidance scale")),
-                "3", 3,
-                "The study's recommendation: the most stable balance of concept and context, at 1.5x the batch."),
-    SamplerSpec("switching", "Switching", "i < t_sw: superclass rule, else concept rule  (eq. 7)",
-                (_scale("w", 7.0, "guidance scale"), _steps("t_sw", 7, "steps sampled with the superclass prompt")),
-                "2", 2,
-                "Free (no extra compute) and raises text similarity; can lose the concept's identity."),
-    SamplerSpec("multistage", "Multi-stage", "i < t_sw: e_u + (w_c + w_s)(e_S - e_u), else mixed  (eq. 8)",
-                (_scale("w_c", 4.0, "concept guidance scale (second stage)"),
-                 _scale("w_s", 3.0, "superclass guidance scale"),
-                 _steps("t_sw", 10, "steps of the superclass-only first stage")),
-                "2 in the first stage, then 3", 3,
-                "Between switching and mixed; only large t_sw crosses mixed's frontier, at low fidelity."),
-    SamplerSpec("masked", "Masked", "i < t_sw: e_u + w_c0 (e_C - e_u) + w_s0 (e_S - e_u); "
-                "else M * mixed + (1 - M) * superclass(w_c + w_s)  (eq. 9-11)",
-                (_steps("t_sw", 3, "steps of the first stage"),
-                 Param("q", "fraction", 0.7, 0.0, 1.0, help="mask quantile: larger q, smaller concept region"),
-                 _scale("w_c", 3.5, "concept guidance scale inside the mask"),
-                 _scale("w_s", 3.5, "superclass guidance scale inside the mask"),
-                 _scale("w_c0", 0.0, "concept guidance scale of the first stage"),
-                 _scale("w_s0", 7.0, "superclass guidance scale of the first stage"),
-                 Param("mask_source", "choice", "superclass", choices=("superclass", "concept"),
-                       help="branch whose cross-attention map makes the mask")),
-                "2 in the first stage (with w_c0 = 0), then 3", 3,
-                "Can beat mixed where it struggles, but its masks are noisy and results unstable; needs tuning."),
-    SamplerSpec("profusion", "ProFusion", "fusion step (e_u + w_ref (e_C - e_u)), then mixed; DDIM only",
-                (_scale("w_c", 3.5, "concept guidance scale of the mixed step"),
-                 _scale("w_s", 3.5, "superclass guidance scale of the mixed step"),
-                 _scale("w_ref", 7.0, "concept guidance scale of the fusion step"),
-                 Param("r", "float", 1.0, 0.0, 1.0, help="fusion strength (0: mixed sampling)"),
-                 Param("refine_steps", "int", 1, 0, 5, help="fusion repeats per step")),
-                "2 (fusion) + 3 (mixed) = 5", 5,
-                "Keeps concept fidelity high and improves text similarity less than mixed, at twice the compute."),
-    SamplerSpec("photoswap", "Photoswap", "concept trajectory with attention from the superclass trajectory",
-                (_scale("w", 7.0, "guidance scale of both trajectories"),
-                 _steps("t_sf", 5, "steps swapping self-attention features"),
-                 _steps("t_cm", 15, "steps swapping cross-attention maps"),
-                 _steps("t_sm", 20, "steps swapping self-attention maps")),
-                "4 while swapping (the first max(t_sf, t_cm, t_sm) steps), then 2", 4,
-                "Nearly indistinguishable from switching, at twice its batch."),
-)}
 
 
 @dataclass(frozen=True)
@@ -159,7 +130,7 @@ def get_spec(name: str) -> SamplerSpec:
 
 
 def configure(name: str, params: Mapping[str, Any] | None = None, steps: int = 50) -> SamplerConfig:
-    """Check `params` for sampler `name` and fill in the spec's defaults."""
+    """Check `params` for sampler `name` and fill in the study's defaults."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UserError(f"--steps: {steps!r} is not a whole number of steps >= 1")
     spec = get_spec(name)
@@ -290,47 +261,135 @@ def _linear(weights: Mapping[str, float]) -> Step:
 
 
 def plan(config: SamplerConfig) -> list[Step]:
-    """One Step per denoising step `i = 0 .. N-1`."""
-    return [_plan_step(config, i) for i in range(config.steps)]
+    """One Step per denoising step `i = 0 .. N-1`, from the sampler's registered rule."""
+    rule = get_spec(config.name).step_rule
+    return [rule(config, i) for i in range(config.steps)]
 
 
-def _plan_step(cfg: SamplerConfig, i: int) -> Step:
-    name, s = cfg.name, lambda k: cfg.scale(k, i)
-    if name == "concept":
-        return _linear({C: s("w")})
-    if name == "superclass":
-        return _linear({S: s("w")})
-    if name == "mixed":
-        return _linear({C: s("w_c"), S: s("w_s")})
-    if name == "switching":
-        return _linear({S: s("w")} if i < cfg.value("t_sw") else {C: s("w")})
-    if name == "multistage":
-        if i < cfg.value("t_sw"):
-            return _linear({S: s("w_c") + s("w_s")})
-        return _linear({C: s("w_c"), S: s("w_s")})
-    if name == "masked":
-        if i < cfg.value("t_sw"):
-            return _linear({C: s("w_c0"), S: s("w_s0")})
-        inside, outside = masked_weights(s("w_c"), s("w_s"))
-        inside, outside = nonzero(inside), nonzero(outside)
-        source = S if cfg.value("mask_source") == "superclass" else C
-        rows = tuple(b for b in ROW_ORDER if b in set(rows_for(inside, outside)) | {source})
-        return Step(rows, inside, outside=outside, mask=Mask(float(cfg.value("q")), source))
-    if name == "profusion":
-        main = _linear({C: s("w_c"), S: s("w_s")})
-        r, repeats = float(cfg.value("r")), int(cfg.value("refine_steps"))
-        if r == 0 or repeats == 0:  # the fusion step is the identity: this step is mixed sampling
-            return main
-        ref = nonzero({C: s("w_ref")})
-        return Step(main.rows, main.weights, fusion=Fusion(r, ref, repeats, rows_for(ref)))
-    if name == "photoswap":
-        swap = Swap(i < cfg.value("t_sf"), i < cfg.value("t_sm"), i < cfg.value("t_cm"))
-        if not (swap.features or swap.self_maps or swap.cross_maps):
-            # The superclass trajectory no longer feeds the concept one: drop it.
-            return _linear({C: s("w")})
-        return Step((U, C, U, S), {C: s("w")}, swap=swap, weights_s={S: s("w")})
-    raise AssertionError(name)
+# ---------------------------------------------------------------------------------------
+# The rules, one function per sampler. Equation numbers refer to the study,
+# arXiv:2502.05895; each rule is classifier-free guidance (arXiv:2207.12598) over the
+# branches u (negative prompt), C (concept prompt) and S (superclass prompt).
+
+
+def concept_step(cfg: SamplerConfig, i: int) -> Step:
+    """Concept sampling, arXiv:2502.05895 eq. 4: `e_u + w (e_C - e_u)`."""
+    return _linear({C: cfg.scale("w", i)})
+
+
+def superclass_step(cfg: SamplerConfig, i: int) -> Step:
+    """Superclass sampling, arXiv:2502.05895 eq. 5: `e_u + w (e_S - e_u)`."""
+    return _linear({S: cfg.scale("w", i)})
+
+
+def mixed_step(cfg: SamplerConfig, i: int) -> Step:
+    """Mixed sampling, arXiv:2502.05895 eq. 6 (ProFusion's guidance, arXiv:2305.13579):
+    `e_u + w_s (e_S - e_u) + w_c (e_C - e_u)`."""
+    return _linear({C: cfg.scale("w_c", i), S: cfg.scale("w_s", i)})
+
+
+def switching_step(cfg: SamplerConfig, i: int) -> Step:
+    """Switching, arXiv:2502.05895 eq. 7: the superclass rule with `w` for `i < t_sw`, then
+    the concept rule with `w`."""
+    return _linear({S: cfg.scale("w", i)} if i < cfg.value("t_sw") else {C: cfg.scale("w", i)})
+
+
+def multistage_step(cfg: SamplerConfig, i: int) -> Step:
+    """Multi-stage, arXiv:2502.05895 eq. 8 as the authors' code runs it: for `i < t_sw`
+    `e_u + (w_c + w_s)(e_S - e_u)` (the superclass prompt, where the paper prints the
+    concept one), then mixed."""
+    if i < cfg.value("t_sw"):
+        return _linear({S: cfg.scale("w_c", i) + cfg.scale("w_s", i)})
+    return mixed_step(cfg, i)
+
+
+def masked_step(cfg: SamplerConfig, i: int) -> Step:
+    """Masked sampling, arXiv:2502.05895 eq. 9-11: for `i < t_sw`
+    `e_u + w_c0 (e_C - e_u) + w_s0 (e_S - e_u)`; then `M * mixed + (1 - M) * e_u +
+    (w_c + w_s)(e_S - e_u)` with `M = A > quantile(A, q)` from the concept token's
+    cross-attention map `A` (see `guidance.quantile_mask`, `masked_weights`)."""
+    if i < cfg.value("t_sw"):
+        return _linear({C: cfg.scale("w_c0", i), S: cfg.scale("w_s0", i)})
+    inside, outside = masked_weights(cfg.scale("w_c", i), cfg.scale("w_s", i))
+    inside, outside = nonzero(inside), nonzero(outside)
+    source = S if cfg.value("mask_source") == "superclass" else C
+    rows = tuple(b for b in ROW_ORDER if b in set(rows_for(inside, outside)) | {source})
+    return Step(rows, inside, outside=outside, mask=Mask(float(cfg.value("q")), source))
+
+
+def profusion_step(cfg: SamplerConfig, i: int) -> Step:
+    """ProFusion, arXiv:2305.13579 (the study's port, arXiv:2502.05895): a fusion step with
+    `e_u + w_ref (e_C - e_u)` and strength `r` (`guidance.fusion_update`), then the mixed
+    rule at the same timestep. With `r = 0` or no repeats it is mixed sampling."""
+    main = mixed_step(cfg, i)
+    r, repeats = float(cfg.value("r")), int(cfg.value("refine_steps"))
+    if r == 0 or repeats == 0:  # the fusion step is the identity
+        return main
+    ref = nonzero({C: cfg.scale("w_ref", i)})
+    return Step(main.rows, main.weights, fusion=Fusion(r, ref, repeats, rows_for(ref)))
+
+
+def photoswap_step(cfg: SamplerConfig, i: int) -> Step:
+    """Photoswap, arXiv:2305.18286 (the study's port): the concept trajectory, guided with
+    `w` on `e_C`, takes self-attention features (`i < t_sf`), self-attention maps
+    (`i < t_sm`) and cross-attention maps (`i < t_cm`) from a superclass trajectory guided
+    with `w` on `e_S`; the two go through the denoiser together as `[u, C, u, S]`."""
+    swap = Swap(i < cfg.value("t_sf"), i < cfg.value("t_sm"), i < cfg.value("t_cm"))
+    if not (swap.features or swap.self_maps or swap.cross_maps):
+        return concept_step(cfg, i)  # the superclass trajectory no longer feeds the concept one
+    return Step((U, C, U, S), {C: cfg.scale("w", i)}, swap=swap, weights_s={S: cfg.scale("w", i)})
 
 
 def total_rows(steps: list[Step], num_images: int = 1) -> int:
     return sum(step.cost for step in steps) * num_images
+
+
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
+    SamplerSpec("concept", "Concept", "e_u + w (e_C - e_u)  (eq. 4)",
+                (_scale("w", 7.0, "guidance scale"),), concept_step,
+                "The fine-tuned model as it is: best concept fidelity, often loses the prompt's context."),
+    SamplerSpec("superclass", "Superclass", "e_u + w (e_S - e_u)  (eq. 5)",
+                (_scale("w", 7.0, "guidance scale"),), superclass_step,
+                "Follows the prompt, but draws a random member of the class, not your concept."),
+    SamplerSpec("mixed", "Mixed", "e_u + w_s (e_S - e_u) + w_c (e_C - e_u)  (eq. 6)",
+                (_scale("w_c", 3.5, "concept guidance scale"), _scale("w_s", 3.5, "superclass guidance scale")),
+                mixed_step,
+                "The study's recommendation: the most stable balance of concept and context, at 1.5x the batch."),
+    SamplerSpec("switching", "Switching", "i < t_sw: superclass rule, else concept rule  (eq. 7)",
+                (_scale("w", 7.0, "guidance scale"), _steps("t_sw", 7, "steps sampled with the superclass prompt")),
+                switching_step,
+                "Free (no extra compute) and raises text similarity; can lose the concept's identity."),
+    SamplerSpec("multistage", "Multi-stage", "i < t_sw: e_u + (w_c + w_s)(e_S - e_u), else mixed  (eq. 8)",
+                (_scale("w_c", 4.0, "concept guidance scale (second stage)"),
+                 _scale("w_s", 3.0, "superclass guidance scale"),
+                 _steps("t_sw", 10, "steps of the superclass-only first stage")),
+                multistage_step,
+                "Between switching and mixed; only large t_sw crosses mixed's frontier, at low fidelity."),
+    SamplerSpec("masked", "Masked", "i < t_sw: e_u + w_c0 (e_C - e_u) + w_s0 (e_S - e_u); "
+                "else M * mixed + (1 - M) * superclass(w_c + w_s)  (eq. 9-11)",
+                (_steps("t_sw", 3, "steps of the first stage"),
+                 Param("q", "fraction", 0.7, 0.0, 1.0, help="mask quantile: larger q, smaller concept region"),
+                 _scale("w_c", 3.5, "concept guidance scale inside the mask"),
+                 _scale("w_s", 3.5, "superclass guidance scale inside the mask"),
+                 _scale("w_c0", 0.0, "concept guidance scale of the first stage"),
+                 _scale("w_s0", 7.0, "superclass guidance scale of the first stage"),
+                 Param("mask_source", "choice", "superclass", choices=("superclass", "concept"),
+                       help="branch whose cross-attention map makes the mask")),
+                masked_step,
+                "Can beat mixed where it struggles, but its masks are noisy and results unstable; needs tuning."),
+    SamplerSpec("profusion", "ProFusion", "fusion step (e_u + w_ref (e_C - e_u)), then mixed; DDIM only",
+                (_scale("w_c", 3.5, "concept guidance scale of the mixed step"),
+                 _scale("w_s", 3.5, "superclass guidance scale of the mixed step"),
+                 _scale("w_ref", 7.0, "concept guidance scale of the fusion step"),
+                 Param("r", "float", 1.0, 0.0, 1.0, help="fusion strength (0: mixed sampling)"),
+                 Param("refine_steps", "int", 1, 0, 5, help="fusion repeats per step")),
+                profusion_step,
+                "Keeps concept fidelity high and improves text similarity less than mixed, at twice the compute."),
+    SamplerSpec("photoswap", "Photoswap", "concept trajectory with attention from the superclass trajectory",
+                (_scale("w", 7.0, "guidance scale of both trajectories"),
+                 _steps("t_sf", 5, "steps swapping self-attention features"),
+                 _steps("t_cm", 15, "steps swapping cross-attention maps"),
+                 _steps("t_sm", 20, "steps swapping self-attention maps")),
+                photoswap_step,
+                "Nearly indistinguishable from switching, at twice its batch."),
+)}

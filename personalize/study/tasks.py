@@ -1,4 +1,4 @@
-"""`study`: the pairwise user study of the paper (evaluation.md, "Pairwise user study"),
+"""`study`: the pairwise user study of arXiv:2502.05895 (docs/evaluation.md, "Pairwise user study"),
 on your own concepts.
 
 - `study build SWEEP_DIR --pairs A:B,... --out STUDY_DIR` turns a sweep's images into
@@ -312,8 +312,8 @@ def make_demo(out: str | Path, *, model: str | None = None, steps: int = 3, size
     out = Path(out)
     _check_out(out, allow=("sweep",))
     if model is None:
-        from personalize.models.demo import ensure_demo_model
-        model = str(ensure_demo_model())
+        from personalize.models.loading import default_model
+        model, _reason = default_model()
     config = parse_config({
         "model": str(Path(model).resolve()), "concepts": [{"name": "demo"}], "prompts": list(DEMO_PROMPTS),
         "seeds": [0, 1], "steps": steps, "height": size, "width": size, "metrics": {"dino": "none"},
