@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from personalize.concepts import apply_concept, spectral_weight as loader_spectral_weight
+from personalize.concepts import apply_concept
+from personalize.concepts.apply import spectral_weight as loader_spectral_weight
 from personalize.training import loop, svdiff
 from personalize.training import train_concept
 
@@ -110,7 +111,7 @@ def test_svdiff_saved_deltas_are_the_trained_ones(svdiff_run):
     shifted = dict(svdiff.shifted_modules(models.unet))
     assert set(unet) == {f"{n}.delta" for n in shifted}
     for name, module in shifted.items():
-        assert torch.equal(unet[f"{name}.delta"], module.parametrizations.weight[0].delta.detach())
+        assert torch.equal(unet[f"{name}.delta"], svdiff.shift_of(module).delta.detach())
     assert any(v.abs().max() > 0 for v in unet.values())
 
 
@@ -130,7 +131,7 @@ def test_svdiff_loaded_with_apply_concept_equals_the_trained_model(pipe, svdiff_
         for component in ("unet", "text_encoder"):
             loaded = dict(getattr(pipe, component).named_modules())
             for name, module in svdiff.shifted_modules(getattr(models, component)):
-                trained = module.weight.detach()
+                trained = svdiff.shifted_weight(module).detach()
                 got = loaded[name].weight.detach()
                 tol = 0 if _loader_is_residual() else 2e-5 * trained.abs().max().item() + 1e-7
                 assert (got - trained).abs().max().item() <= tol, name
@@ -160,6 +161,42 @@ def test_zero_shifts_are_the_base_model_bitwise(pipe):
     assert len(deltas) == len(svdiff.shifted_modules(pipe.unet))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+    text = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+    svdiff.add_shifts(text)
+    ids = pipe.tokenizer(["a photo of sks star"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(unet(x, 10, encoder_hidden_states=ctx).sample,
                            pipe.unet(x, 10, encoder_hidden_states=ctx).sample)
+        assert torch.equal(text(ids)[0], pipe.text_encoder(ids)[0])
+
+
+def test_selection_on_the_sd2_architecture():
+    """The study's counts on Stable Diffusion 2 base (built on the meta device: shapes only)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from personalize.models.architectures import SD2
+    from personalize.concepts.apply import spectral_size
+    from personalize.training.dreambooth import select
+    from personalize.training.recipes import QKV
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD2.unet)
+        text = CLIPTextModel(CLIPTextConfig(**SD2.text_encoder))
+    for model, tensors, scalars, norms, qkv, qkv_scalars in ((unet, 391, 225_877, 109, 96, 75_120_640),
+                                                              (text, 187, 142_460, 47, 138, 72_422_400)):
+        shifted = svdiff.shifted_modules(model)
+        assert len(shifted) == tensors
+        assert sum(spectral_size(m.weight) for _, m in shifted) == scalars
+        assert sum(svdiff.is_one_d(n) for n, _ in shifted) == norms
+        chosen = select(model, QKV)
+        assert len(chosen) == qkv and sum(p.numel() for p in chosen.values()) == qkv_scalars
+
+
+def test_prior_preservation_runs_and_leaves_the_pipeline(pipe, tmp_path):
+    before = snapshot(pipe)
+    summary = train_concept(pipe, star_images(2), phrase="sks star", superclass="star", method="lora",
+                            out=tmp_path / "c", steps=2, resolution=SIZE, prior_preservation=True,
+                            class_images=2, class_image_steps=2)
+    assert summary["prior_preservation"] and summary["class_images"] == 2
+    assert same_as(pipe, before)

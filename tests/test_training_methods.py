@@ -111,7 +111,7 @@ def test_dreambooth_trains_only_qkv_and_loads_exactly(pipe, tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from personalize.tiny_models import build_sdxl_pipeline
+    from personalize.models.tiny import build_sdxl_pipeline
 
     p = build_sdxl_pipeline()
     p.set_progress_bar_config(disable=True)
@@ -151,7 +151,7 @@ def test_methods_that_do_not_apply_to_sdxl(sdxl, tmp_path, method):
 
 
 def test_pixart_is_refused(tmp_path):
-    from personalize.tiny_models import build_pixart_pipeline
+    from personalize.models.tiny import build_pixart_pipeline
 
     with pytest.raises(UserError, match="does not apply to PixArt-alpha"):
         train_concept(build_pixart_pipeline(), star_images(), phrase="sks star", superclass="star",

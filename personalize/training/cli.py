@@ -73,7 +73,7 @@ def command(args) -> int:
     import signal
     import threading
 
-    from ..loading import check_device, load_pipeline
+    from ..models.loading import check_device, load_pipeline
     from .data import read_image_folder
     from .loop import check_out, check_resolution, train_concept
     from .recipes import recipe as default_recipe
@@ -101,7 +101,7 @@ def command(args) -> int:
 
     # 2. the model (train_concept checks the rest before writing anything)
     if args.model is None:
-        from ..demo_model import ensure_demo_model
+        from ..models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     else:
         model = args.model

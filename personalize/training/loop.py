@@ -82,7 +82,7 @@ def _methods() -> dict:
 # -- 1. checking inputs ------------------------------------------------------------------
 
 def family(pipe) -> str:
-    from ..backbones import backbone
+    from ..sampling.backbones import backbone
     return backbone(pipe).family
 
 
