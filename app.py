@@ -37,13 +37,18 @@ def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
             if study is not None:
                 from ui.study_tab import create_study
                 create_study(study)
-            parts = create_explore(lab, state)
-            create_compare(lab, state, parts["chart"])
-            create_concept(lab, state, parts["references"])
+            explore = create_explore(lab, state)
+            compare = create_compare(lab, state)
+            concept = create_concept(lab, state)
             create_guide()
         create_api(lab, state)
+        # The tabs know nothing of each other; the app wires what one shows after another acts.
+        compare["done"].then(lambda session: lab.chart(session.history, session.background), [state],
+                             [explore["chart"]], api_visibility="private")
+        concept["done"].then(lambda session: session.concept.references, [state], [explore["references"]],
+                             api_visibility="private")
         demo.load(lambda session: (session.concept.references, lab.chart(session.history, session.background)),
-                  [state], [parts["references"], parts["chart"]], api_visibility="private")
+                  [state], [explore["references"], explore["chart"]], api_visibility="private")
     # One queue for everything that touches the model: users never share a pipeline mid-run.
     demo.queue(default_concurrency_limit=1)
     return demo

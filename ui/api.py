@@ -9,10 +9,10 @@ from personalize.errors import UserError
 from personalize.runs.lab import Lab
 from personalize.sampling.samplers import SAMPLERS
 
-from .compare import compare_runs, parse_json_object
-from .explore import record_run
-from .gpu import gpu
+from personalize.runs.recording import compare_runs, parse_json_object, record_run
+
 from .errors import shown
+from .gpu import gpu
 
 
 def create_api(lab: Lab, state: gr.State):
@@ -37,14 +37,14 @@ def create_api(lab: Lab, state: gr.State):
             finished = lab.generate(prep)
         except UserError as e:
             raise shown(e) from None
-        run_card, _ = record_run(lab, session, finished)
+        run_card, _ = record_run(lab, session.concept, session.history, finished)
         return run_card["images"], run_card, session
 
     @gpu
     def compare(session, prompt_, samplers_, params_, seed_, steps_):
         """The same prompt and seed through several samplers: one image per sampler, run cards."""
         try:
-            items, cards = compare_runs(lab, session, prompt_, samplers_, params_, seed_, steps_)
+            items, cards = compare_runs(lab, session.concept, session.history, prompt_, samplers_, params_, seed_, steps_)
         except UserError as e:
             raise shown(e) from None
         return items, cards, session

@@ -2,63 +2,23 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 
 import gradio as gr
 
 from personalize.errors import UserError
 from personalize.runs.lab import Lab
+from personalize.runs.recording import compare_runs
 from personalize.sampling.samplers import SAMPLERS
 
-from .explore import record_run, score
-from .gpu import gpu
 from .errors import shown
+from .gpu import gpu
 
 
-def parse_json_object(text: str, what: str) -> dict:
-    if not text or not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what}: must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def parse_params(text: str, samplers: list[str]) -> dict:
-    """The per-sampler parameters of a comparison: a JSON object {sampler: {param: value}}."""
-    params = parse_json_object(text, "parameters")
-    if not all(isinstance(v, dict) for v in params.values()):
-        raise UserError('parameters: give a JSON object like {"mixed": {"w_s": 2}}')
-    extra = sorted(set(params) - set(samplers))
-    if extra:
-        raise UserError(f"parameters: {extra[0]!r} is not one of the compared samplers ({', '.join(samplers)})")
-    return params
-
-
-def compare_runs(lab: Lab, session, prompt, samplers, params_text, seed, steps, size=None):
-    """Run every sampler; returns (gallery items, cards). Raises UserError on bad input,
-    before anything runs."""
-    if isinstance(samplers, str):
-        samplers = [samplers]
-    if not samplers:
-        raise UserError("compare: choose at least one sampler")
-    params = parse_params(params_text, list(samplers))
-    preps = [lab.request(session.concept, prompt, name, params.get(name, {}), seed=int(seed), steps=int(steps),
-                         size=int(size) if size else None) for name in samplers]
-    items, cards = [], []
-    for name, prep in zip(samplers, preps):
-        finished = lab.generate(prep)
-        card, _ = record_run(lab, session, finished)
-        cards.append(card)
-        items.append((card["images"][0], f"{name}: {card['denoiser_rows']} rows, {card['seconds']:.1f} s, "
-                                f"IS {score(card['is'])}, TS {score(card['ts'])}"))
-    return items, cards
-
-
-def create_compare(lab: Lab, state: gr.State, chart: gr.Plot):
+def create_compare(lab: Lab, state: gr.State, compare: Callable = compare_runs) -> dict:
+    """The Compare tab; `compare(lab, concept, history, prompt, samplers, params, seed, steps,
+    size)` runs the comparison. Returns its components and `done`, the event a caller can
+    chain on (the app redraws the Explore chart there)."""
     with gr.Tab("Compare"):
         gr.Markdown("The same prompt and seed through several samplers at once. Each image shows its cost "
                     "(denoiser rows, seconds) and scores; every run also lands on the Explore tab's chart.")
@@ -81,10 +41,13 @@ def create_compare(lab: Lab, state: gr.State, chart: gr.Plot):
     @gpu
     def run(session, prompt_, samplers_, params_, seed_, steps_, size_):
         try:
-            items, run_cards = compare_runs(lab, session, prompt_, samplers_, params_, seed_, steps_, size_)
+            items, run_cards = compare(lab, session.concept, session.history, prompt_, samplers_, params_,
+                                       seed_, steps_, size_)
         except UserError as e:
             raise shown(e) from None
-        return items, run_cards, lab.chart(session.history, session.background), session
+        return items, run_cards, session
 
-    button.click(run, [state, prompt, samplers, params, seed, steps, size], [gallery, cards, chart, state],
-                 concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+    done = button.click(run, [state, prompt, samplers, params, seed, steps, size], [gallery, cards, state],
+                        concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+    return {"prompt": prompt, "samplers": samplers, "params": params, "seed": seed, "steps": steps, "size": size,
+            "button": button, "gallery": gallery, "cards": cards, "done": done}

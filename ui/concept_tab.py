@@ -9,7 +9,9 @@ from personalize.runs.lab import Lab
 from .errors import shown
 
 
-def create_concept(lab: Lab, state: gr.State, references: gr.Gallery):
+def create_concept(lab: Lab, state: gr.State) -> dict:
+    """The Concept tab. Returns its components and `done`, the event after a concept is
+    applied (the app refreshes the Explore tab's reference images there)."""
     with gr.Tab("Concept"):
         gr.Markdown("The concept used by every run of your session. The phrase fills the prompt's "
                     "placeholder in the concept prompt (`sks dog`, or a textual-inversion token like "
@@ -35,7 +37,7 @@ def create_concept(lab: Lab, state: gr.State, references: gr.Gallery):
         session.concept = concept
         weights = f"weights `{concept.weights}`" if concept.weights else "the base model's own weights"
         return (f"Using **{concept.phrase}** (superclass **{concept.superclass}**) with {weights} and "
-                f"{len(concept.references)} reference image(s).", concept.references, session)
+                f"{len(concept.references)} reference image(s).", session)
 
     def check_upload(upload_):
         if upload_:
@@ -45,5 +47,7 @@ def create_concept(lab: Lab, state: gr.State, references: gr.Gallery):
                 raise shown(e) from None
         return ""
     upload.upload(check_upload, [upload], [status], api_visibility="private")
-    apply.click(use, [state, phrase, superclass, path, upload, ref_files], [status, references, state],
-                api_visibility="private")
+    done = apply.click(use, [state, phrase, superclass, path, upload, ref_files], [status, state],
+                       api_visibility="private")
+    return {"phrase": phrase, "superclass": superclass, "path": path, "upload": upload, "references": ref_files,
+            "apply": apply, "status": status, "done": done}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 
 import gradio as gr
 
@@ -12,18 +11,14 @@ from personalize.sampling.engine import Stopped
 from personalize.errors import UserError
 from personalize.runs.lab import Finished, Lab
 from personalize.evaluation.prompt_sets import DREAMBENCH_LIVE, DREAMBENCH_OBJECT
-from personalize.runs.runcard import write_run
+from personalize.runs.recording import PARAM_NAMES, format_score, params_from, record_run
 from personalize.sampling.samplers import SAMPLERS
 
-from .controls import PARAM_NAMES, control_updates, create_controls, params_from
+from .controls import control_updates, create_controls
 from .gpu import gpu
 from .errors import shown
 
 HISTORY_HEADERS = ["#", "sampler", "params", "seed", "steps", "IS", "TS", "TS class", "rows", "seconds"]
-
-
-def score(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def history_rows(history: list) -> list[list]:
@@ -32,18 +27,6 @@ def history_rows(history: list) -> list[list]:
     return [[k + 1, c["sampler"], json.dumps(c["params"]), c["seed"], c["steps"], fmt(c.get("is")),
              fmt(c.get("ts")), fmt(c.get("ts_class")), c["denoiser_rows"], c["seconds"]]
             for k, c in enumerate(history)]
-
-
-def record_run(lab: Lab, session, finished: Finished) -> tuple[dict, str]:
-    """Score a finished run, write its images and run card to a fresh temporary folder the
-    app serves, and add it to the session's history. Returns the card (its `images` the
-    served paths) and the path of its run.json."""
-    card = lab.score(session.concept, finished.images, finished.card)
-    out = tempfile.mkdtemp(prefix="personalize-run-")
-    names = write_run(out, card, finished.images)["images"]
-    card["images"] = [f"{out}/{name}" for name in names]
-    session.history.append(card)
-    return card, f"{out}/run.json"
 
 
 def create_explore(lab: Lab, state: gr.State):
@@ -109,12 +92,12 @@ def create_explore(lab: Lab, state: gr.State):
                                size=int(size_), num_images=int(n_))
             for item in lab.stream(prep, session.stop):
                 if isinstance(item, Finished):
-                    card, card_path = record_run(lab, session, item)
+                    card, card_path = record_run(lab, session.concept, session.history, item)
                     yield {gallery: card["images"], card_json: card, card_file: card_path,
                            chart: lab.chart(session.history, session.background),
                            history: history_rows(session.history),
                            status: f"Done: {card['denoiser_rows']} denoiser rows in {card['seconds']:.1f} s. "
-                                   f"IS {score(card['is'])}, TS {score(card['ts'])}"
+                                   f"IS {format_score(card['is'])}, TS {format_score(card['ts'])}"
                                    + (" (random-weight metric models)" if card.get("metrics_random") else ""),
                            state: session}
                 else:
@@ -170,4 +153,5 @@ def create_explore(lab: Lab, state: gr.State):
     reload_btn.click(reload, [state, pick], [prompt, sampler, seed, steps, negative, *control_list],
                      queue=False, api_visibility="private")
 
-    return {"references": references, "chart": chart}
+    return {"prompt": prompt, "sampler": sampler, "controls": controls, "gallery": gallery, "status": status,
+            "references": references, "chart": chart, "history": history}

@@ -20,6 +20,7 @@ def guide_markdown() -> str:
     return "\n".join(lines)
 
 
-def create_guide():
+def create_guide() -> dict:
     with gr.Tab("Guide"):
-        gr.Markdown(guide_markdown(), elem_id="guide")
+        text = gr.Markdown(guide_markdown(), elem_id="guide")
+    return {"text": text}
