@@ -21,20 +21,44 @@ STEPS, SIZE, TOL = 8, 128, 1e-4
 sample = functools.partial(helpers.sample, steps=STEPS, size=SIZE)
 
 
-IDENTITIES = [
+PLAN_IDENTITIES = [
     (("masked", {"t_sw": STEPS, "w_c0": 2.0, "w_s0": 5.0}), ("mixed", {"w_c": 2.0, "w_s": 5.0})),
-    (("masked", {"q": 1.0, "t_sw": 0, "w_c": 3.0, "w_s": 4.0}), ("superclass", {"w": 7.0})),
-    (("masked", {"q": 1.0, "t_sw": 0, "mask_source": "concept"}), ("superclass", {"w": 7.0})),
     (("profusion", {"r": 0.0, "w_c": 3.0, "w_s": 4.0}), ("mixed", {"w_c": 3.0, "w_s": 4.0})),
     (("photoswap", {"t_sf": 0, "t_cm": 0, "t_sm": 0, "w": 6.0}), ("concept", {"w": 6.0})),
 ]
 
+# Identities that hold only if a mechanism works: the empty mask at q = 1 (strict `>`)
+MASK_IDENTITIES = [
+    (("masked", {"q": 1.0, "t_sw": 0, "w_c": 3.0, "w_s": 4.0}), ("superclass", {"w": 7.0})),
+    (("masked", {"q": 1.0, "t_sw": 0, "mask_source": "concept"}), ("superclass", {"w": 7.0})),
+]
 
-@pytest.mark.parametrize("left,right", IDENTITIES, ids=lambda x: f"{x[0]}{x[1]}")
-def test_identities(pipe, prompts, left, right):
+
+@pytest.mark.parametrize("left,right", PLAN_IDENTITIES, ids=lambda x: f"{x[0]}{x[1]}")
+def test_plan_identities(left, right):
+    """At these values no mask, fusion or swap is planned: the plans are equal, and the
+    loop only follows the plan."""
+    assert plan(configure(*left, STEPS)) == plan(configure(*right, STEPS))
+
+
+@pytest.mark.parametrize("left,right", MASK_IDENTITIES, ids=lambda x: f"{x[0]}{x[1]}")
+def test_mask_identities(pipe, prompts, left, right):
+    assert plan(configure(*left, STEPS)) != plan(configure(*right, STEPS))  # the mask does the work
     a = sample(pipe, prompts, left[0], seed=4, num_images=2, **left[1]).latents
     b = sample(pipe, prompts, right[0], seed=4, num_images=2, **right[1]).latents
     assert rel_diff(a, b) < TOL
+
+
+def test_mask_identity_fails_with_a_broken_mask(pipe, prompts, monkeypatch):
+    """Negative control: with a mask that covers everything, masked(q = 1) is no longer
+    superclass sampling, so the identity above does test the mask."""
+    from personalize.sampling import guidance
+
+    monkeypatch.setattr(guidance, "quantile_mask", lambda attention, q: torch.ones_like(attention, dtype=torch.bool)[:, None])
+    (left, right) = MASK_IDENTITIES[0]
+    a = sample(pipe, prompts, left[0], seed=4, num_images=2, **left[1]).latents
+    b = sample(pipe, prompts, right[0], seed=4, num_images=2, **right[1]).latents
+    assert rel_diff(a, b) > 10 * TOL
 
 
 @pytest.mark.parametrize("name,variants", [

@@ -121,17 +121,11 @@ def test_pixart_with_its_multistep_scheduler(pipes, prompts):
 
 # -- every sampler, the identities of docs/samplers.md ----------------------------------------------------
 
+# The plan identities hold on every backbone because the plan does not know the backbone
+# (tests/test_engine.py and tests/test_attention.py compare the plans); what depends on
+# the backbone is the attention hooks, so the mask identity runs on each.
 IDENTITIES = [
-    (("mixed", {"w_s": 0.0, "w_c": 6.0}), ("concept", {"w": 6.0})),
-    (("mixed", {"w_c": 0.0, "w_s": 6.0}), ("superclass", {"w": 6.0})),
-    (("switching", {"t_sw": 0}), ("concept", {})),
-    (("switching", {"t_sw": STEPS}), ("superclass", {})),
-    (("multistage", {"t_sw": 0, "w_c": 4.0, "w_s": 3.0}), ("mixed", {"w_c": 4.0, "w_s": 3.0})),
-    (("multistage", {"w_c": 0.0, "w_s": 3.0, "t_sw": 2}), ("superclass", {"w": 3.0})),
-    (("masked", {"t_sw": STEPS, "w_c0": 2.0, "w_s0": 5.0}), ("mixed", {"w_c": 2.0, "w_s": 5.0})),
     (("masked", {"q": 1.0, "t_sw": 0, "w_c": 3.0, "w_s": 4.0}), ("superclass", {"w": 7.0})),
-    (("profusion", {"r": 0.0, "w_c": 3.0, "w_s": 4.0}), ("mixed", {"w_c": 3.0, "w_s": 4.0})),
-    (("photoswap", {"t_sf": 0, "t_cm": 0, "t_sm": 0, "w": 6.0}), ("concept", {"w": 6.0})),
 ]
 
 

@@ -65,10 +65,17 @@ IDENTITIES = [
 
 
 @pytest.mark.parametrize("left,right", IDENTITIES, ids=lambda x: f"{x[0]}{x[1]}")
-def test_identities(pipe, prompts, left, right):
-    a = sample(pipe, prompts, left[0], seed=5, num_images=2, **left[1]).latents
-    b = sample(pipe, prompts, right[0], seed=5, num_images=2, **right[1]).latents
-    assert rel_diff(a, b) < TOL
+def test_identities(left, right):
+    """These samplers act only through their plans (rows and weights per step; no hooks,
+    masks, fusion or swaps), and the loop only follows the plan: equal plans are the
+    identity. Comparing two UNet runs here would only show that the loop is deterministic."""
+    assert plan(configure(*left, STEPS)) == plan(configure(*right, STEPS))
+
+
+def test_identity_plans_can_differ():
+    """Negative control: plan equality is not vacuous; a weight or a switch step changes it."""
+    assert plan(configure("mixed", {"w_s": 0.5, "w_c": 6.0}, STEPS)) != plan(configure("concept", {"w": 6.0}, STEPS))
+    assert plan(configure("switching", {"t_sw": 1}, STEPS)) != plan(configure("concept", {}, STEPS))
 
 
 def test_switching_in_between_differs(pipe, prompts):
