@@ -119,3 +119,35 @@ def test_fallback_rules(capsys):
         _load_or_random("DINO", "/w/dino.pth", True, fail, fail)
     with pytest.raises(UserError, match="allow_random"):
         _load_or_random("CLIP", "openai", False, fail, fail)
+
+
+@pytest.fixture(scope="module")
+def world_metric(tmp_path_factory):
+    """A metric model in the world's layout, written by the world builder's own saver
+    (untrained: loading and preprocessing are what is tested here)."""
+    from personalize.world.build import save_metric_model
+    from personalize.world.models import metric_model
+
+    folder = tmp_path_factory.mktemp("world") / "metric"
+    torch.manual_seed(0)
+    save_metric_model(metric_model(), folder)
+    return folder
+
+
+def test_world_metric_model_loads_through_the_metrics_code(world_metric):
+    from personalize.world.check import MetricModel
+
+    models = load_metric_models(MetricSettings(clip=str(world_metric), dino="none"))
+    assert not models.random_weights and "open_clip folder" in models.describe() and "dino=none" in models.describe()
+    resize, crop = models.clip_pre.transforms[:2]
+    assert (resize.size, crop.size) == (64, (64, 64))          # the world's 64 px, not 224
+    images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 200, 30))]
+    ours, world = models.clip_images(images), MetricModel(world_metric).images(images)
+    assert ours.shape == (2, 64) and torch.allclose(ours, world, atol=1e-5)  # same model, same preprocessing
+    texts = ["a in the snow", "a red star"]
+    assert torch.allclose(models.clip_texts(texts), MetricModel(world_metric).texts(texts), atol=1e-5)
+
+
+def test_clip_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="open_clip_config.json"):
+        MetricSettings(clip=str(tmp_path)).check()

@@ -230,3 +230,43 @@ def test_readme_configs_parse(demo, tmp_path):
     assert (config.steps, config.images_per_prompt, config.scheduler) == (50, 10, "ddim")
     config = parse_config(readme_yaml("try.yaml") | {"model": str(demo)}, base=tmp_path)
     assert [c.phrase for c in config.concepts] == ["sks dog"] and len(config.points) == 5
+
+
+@pytest.mark.parametrize("sampler", ["mixed", "masked", "profusion", "photoswap"])
+def test_batched_loop_equals_one_run_per_item(demo, sampler):
+    """The sweep's batched loop gives each (prompt, seed) the images and row count of its
+    own `engine.run`, whatever shares its batch."""
+    from personalize.models.loading import load_pipeline
+    from personalize.prompts import prompt_pair
+    from personalize.sampling.batched import Item, run_many
+    from personalize.sampling.engine import run
+    from personalize.sampling.samplers import configure
+
+    pipe = load_pipeline(str(demo))
+    config = configure(sampler, {}, 3)
+    items = [Item(prompt_pair(t, "sks dog", "dog"), seed) for t in PROMPTS for seed in (0, 1)]
+    batched = run_many(pipe, items, config, num_images=2, height=64, width=64, concept_phrase="sks dog")
+    for item, got in zip(items, batched):
+        one = run(pipe, item.prompts, config, seed=item.seed, num_images=2, height=64, width=64,
+                  concept_phrase="sks dog")
+        assert got.rows == one.rows
+        for a, b in zip(got.images, one.images):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
+def test_batches_are_fixed_by_the_grid(demo):
+    from personalize.evaluation.sweep import batches_of
+
+    config = parse_config(dict(base_config(demo), batch_images=3), base=demo.parent)
+    batches = batches_of(config)
+    assert [len(b) for b in batches] == [1, 1, 1, 1]      # 2 images per job: one job per batch of 3
+    assert all(len({(j.concept.name, j.point) for j in b}) == 1 for b in batches)
+    config = parse_config(base_config(demo), base=demo.parent)
+    assert [len(b) for b in batches_of(config)] == [2, 2]  # one batch per sampler point
+
+
+def test_world_prompt_set_is_the_worlds():
+    from personalize.evaluation.prompt_sets import WORLD
+    from personalize.world.scene import WORLD_PROMPTS
+
+    assert WORLD == list(WORLD_PROMPTS)

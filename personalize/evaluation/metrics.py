@@ -1,5 +1,7 @@
-"""The study's metrics (evaluation.md): image similarity (IS), text similarity (TS, and
-TS with the class noun) on CLIP ViT-B/32, and DINO image similarity.
+"""The study's metrics (docs/evaluation.md): image similarity (IS), text similarity (TS,
+and TS with the class noun) on CLIP ViT-B/32, and DINO image similarity. A folder in
+open_clip's own layout (`open_clip_config.json` + weights, as the world's metric model
+ships) stands in for CLIP, with its own preprocessing and tokenizer.
 
 The math is pure functions over embeddings; `MetricModels` only turns images and texts
 into L2-normalised embeddings. Models are loaded once per process. Where no weights can
@@ -28,6 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_MODELS = {"dinov2": "vit_small_patch14_dinov2", "dino": "vit_small_patch16_224.dino"}
 DINO_CHOICES = tuple(DINO_MODELS) + ("none",)
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # a CLIP folder in open_clip's own layout
 RANDOM_SEED = 0  # random-weight fallbacks are seeded: every process builds the same model
 
 
@@ -72,7 +75,7 @@ def image_scores(gen_clip, ref_clip, ts_text, ts_class_text, gen_dino=None, ref_
 
 
 # ---------------------------------------------------------------------------------------
-# Preprocessing (evaluation.md)
+# Preprocessing (docs/evaluation.md)
 
 
 def clip_transform():
@@ -81,6 +84,19 @@ def clip_transform():
 
     return T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                       T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def folder_transform(config: dict):
+    """The preprocessing an open_clip folder's config asks for: resize of the short side
+    to the model's image size, center crop, the config's mean/std."""
+    from torchvision import transforms as T
+
+    size = config["model_cfg"]["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pre = config.get("preprocess_cfg", {})
+    interpolation = getattr(T.InterpolationMode, str(pre.get("interpolation", "bicubic")).upper())
+    return T.Compose([T.Resize(size, interpolation=interpolation), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(pre.get("mean", CLIP_MEAN), pre.get("std", CLIP_STD))])
 
 
 def dino_transform():
@@ -97,7 +113,8 @@ def dino_transform():
 
 @dataclass(frozen=True)
 class MetricSettings:
-    clip: str = CLIP_TAG              # open_clip pretrained tag of ViT-B-32-quickgelu, or a checkpoint file
+    clip: str = CLIP_TAG              # open_clip pretrained tag of ViT-B-32-quickgelu, a checkpoint file,
+                                      # or a folder in open_clip's layout (open_clip_config.json + weights)
     dino: str = "dinov2"              # dinov2 (ViT-S/14) | dino (v1, ViT-S/16) | none
     dino_weights: str | None = None   # a checkpoint file; None: the model's hub weights
     allow_random: bool = True         # no weights to be had: random weights (labelled) or an error
@@ -108,7 +125,14 @@ class MetricSettings:
             raise UserError(f"metrics.dino: {self.dino!r} is not one of {' | '.join(DINO_CHOICES)}")
         for key in ("clip", "dino_weights"):
             value = getattr(self, key)
-            if value is not None and looks_like_path(value) and not Path(value).expanduser().is_file():
+            if value is None or not looks_like_path(value):
+                continue
+            path = Path(value).expanduser()
+            if key == "clip" and path.is_dir():
+                if not (path / OPEN_CLIP_CONFIG).is_file():
+                    raise UserError(f"metrics.clip: the folder {value} has no {OPEN_CLIP_CONFIG} "
+                                    "(give a folder in open_clip's layout, or a checkpoint file)")
+            elif not path.is_file():
                 raise UserError(f"metrics.{key}: the checkpoint file {value} does not exist")
         if not isinstance(self.allow_random, bool):
             raise UserError(f"metrics.allow_random: {self.allow_random!r} must be true or false")
@@ -127,12 +151,12 @@ class MetricModels:
     """CLIP and DINO encoders with their preprocessing. Embeddings are L2-normalised."""
 
     def __init__(self, clip, tokenizer, dino, *, clip_label: str, dino_label: str, random: tuple[str, ...],
-                 device: str):
+                 device: str, clip_pre=None):
         self.clip, self.tokenizer, self.dino = clip, tokenizer, dino
         self.clip_label, self.dino_label = clip_label, dino_label
         self.random = random                      # names of the models that have random weights
         self.device = torch.device(device)
-        self.clip_pre, self.dino_pre = clip_transform(), dino_transform()
+        self.clip_pre, self.dino_pre = clip_pre or clip_transform(), dino_transform()
 
     @property
     def random_weights(self) -> bool:
@@ -170,6 +194,9 @@ def _load(settings: MetricSettings) -> MetricModels:
     import open_clip
 
     random = []
+    folder = Path(settings.clip).expanduser() if looks_like_path(settings.clip) else None
+    if folder is not None and folder.is_dir():
+        return _load_folder(settings, folder)
     clip, clip_label = _load_or_random(
         "CLIP", settings.clip, settings.allow_random,
         lambda: open_clip.create_model(CLIP_MODEL, pretrained=_expand(settings.clip), require_pretrained=True),
@@ -192,6 +219,37 @@ def _load(settings: MetricSettings) -> MetricModels:
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
     return MetricModels(clip, tokenizer, dino, clip_label=clip_label, dino_label=dino_label,
                         random=tuple(random), device=settings.device)
+
+
+def _load_folder(settings: MetricSettings, folder: Path) -> MetricModels:
+    """CLIP from a folder in open_clip's layout, with its preprocessing and tokenizer (the
+    world's metric model). DINO as the settings say."""
+    import json
+
+    import open_clip
+
+    try:
+        with _quiet_logging():
+            clip = open_clip.create_model(f"local-dir:{folder}")
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+        pre = folder_transform(config)
+    except Exception as e:  # a broken folder: say which and why
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"metrics: could not load the CLIP folder {folder}: {reason}") from None
+    clip.eval().requires_grad_(False).to(settings.device)
+    dino, dino_label, random = None, "none", []
+    if settings.dino != "none":
+        name = DINO_MODELS[settings.dino]
+        dino, label = _load_or_random(
+            "DINO", settings.dino_weights or "hub", settings.allow_random,
+            lambda: _timm(name, True, settings.dino_weights), lambda: _timm(name, False, None))
+        if label is None:
+            random.append("dino")
+        dino_label = f"{name}/{label or 'RANDOM'}"
+        dino.eval().requires_grad_(False).to(settings.device)
+    return MetricModels(clip, tokenizer, dino, clip_label=f"open_clip folder {folder.resolve().parent.name}/{folder.name}",
+                        dino_label=dino_label, random=tuple(random), device=settings.device, clip_pre=pre)
 
 
 def _expand(value: str) -> str:

@@ -19,8 +19,10 @@ from pathlib import Path
 from personalize.errors import UserError
 
 AXES = {"is": "IS: CLIP image similarity", "dino": "DINO image similarity",
-        "ts": "TS: CLIP text similarity (concept removed)", "ts_class": "TS with the class noun"}
-X_CHOICES, Y_CHOICES = ("ts", "ts_class"), ("is", "dino")
+        "ts": "TS: CLIP text similarity (concept removed)", "ts_class": "TS with the class noun",
+        "concept_fidelity": "concept fidelity (world judge)", "context_fidelity": "context fidelity (world judge)"}
+# The judge's fidelity columns (world sweeps, docs/world.md) plot like IS and TS.
+X_CHOICES, Y_CHOICES = ("ts", "ts_class", "context_fidelity"), ("is", "dino", "concept_fidelity")
 # Per sampler: the parameters a curve runs along (sorted by them), and those that start a
 # new curve (the study draws one multi-stage curve per t_sw, one masked curve per t_sw).
 CURVES = {
@@ -91,7 +93,7 @@ def _short(v) -> str:
 
 
 def summarize(rows, x: str = "ts", y: str = "is") -> list[Point]:
-    """One point per (sampler, parameters): the mean over prompts (evaluation.md) of each
+    """One point per (sampler, parameters): the mean over prompts (docs/evaluation.md) of each
     (concept, prompt)'s mean over its images, and the spread of those means."""
     by_point: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     random = defaultdict(bool)
@@ -115,7 +117,9 @@ def _number(row: dict, column: str, k: int) -> float:
     except (TypeError, ValueError):
         raise UserError(f"results row {k + 1}: column {column!r} is {value!r}, not a number"
                         + (" (the sweep ran without DINO: metrics.dino: none)" if column == "dino" and value == ""
-                           else "")) from None
+                           else "")
+                        + (" (fidelity columns come from sweeps on a world model)"
+                           if column.endswith("_fidelity") and value == "" else "")) from None
     if not math.isfinite(v):
         raise UserError(f"results row {k + 1}: column {column!r} is {value!r}, not a finite number")
     return v

@@ -1,11 +1,18 @@
 """`sweep CONFIG --out DIR`: a resumable hyperparameter sweep over concepts x prompts x
 seeds x sampler points, with the study's metrics, one results row per image.
 
-Unit of work: one job = one (concept, prompt, sampler point, seed), whose images go
-through the denoiser as one batch. A job's rows are appended to this process's part
-file (flushed and synced) as soon as its images are scored, so a crash loses at most the
-job in flight. Every run first reads the rows already written and computes only the
-missing ones. Under `accelerate launch` the missing jobs are dealt round-robin to the
+Unit of work: one job = one (concept, prompt, sampler point, seed). Jobs of the same
+concept and sampler point share one plan, so they go through the denoiser together: a
+batch is up to `batch_images` images of consecutive jobs of one (concept, point), fixed
+by the grid alone (a rerun forms the same batches, so it gives the same numbers). The
+pipeline stays loaded, a batch's images are decoded once, saved once and scored in one
+call. A batch's rows are appended to this process's part file (flushed and synced) as
+soon as they are scored, so a crash loses at most the batch in flight. Every run first
+reads the rows already written and computes only the batches with missing rows.
+
+On a world model (docs/world.md) each row also carries the judge's verdicts from the
+pixels: `concept_fidelity` (the image shows the concept, 0/1) and `context_fidelity`
+(its context, or for a colour prompt its colour, is the prompt's, 0/1). Under `accelerate launch` the missing jobs are dealt round-robin to the
 processes; at the end the main process merges every part into `results.csv`, one row
 per key, in the order of the grid.
 """
@@ -31,6 +38,7 @@ PARTS = "parts"
 LOCK = "sweep.json"
 KEY = ("concept", "prompt", "sampler", "params", "seed", "image")
 COLUMNS = ("concept", "prompt", "seed", "image", "sampler", "params", "point", "is", "ts", "ts_class", "dino",
+           "concept_fidelity", "context_fidelity",
            "rows", "seconds", "image_path", "steps", "model", "concept_weights", "concept_phrase", "superclass",
            "ts_prompt", "ts_class_prompt", "metric_models", "random_weights")
 TIMING = ("seconds",)  # the only columns that differ between two runs of the same rows
@@ -56,6 +64,18 @@ def jobs_of(config: SweepConfig) -> list[Job]:
     at a time), then sampler point, prompt, seed."""
     return [Job(c, prompt, point, seed) for c in config.concepts for point in config.points
             for prompt in c.prompts for seed in config.seeds]
+
+
+def batches_of(config: SweepConfig) -> list[list[Job]]:
+    """The grid's jobs in batches: consecutive jobs of one (concept, point), at most
+    `batch_images` images each (at least one job). A function of the config alone."""
+    per = max(1, config.batch_images // config.images_per_prompt)
+    out = []
+    for c in config.concepts:
+        for point in config.points:
+            jobs = [Job(c, prompt, point, seed) for prompt in c.prompts for seed in config.seeds]
+            out += [jobs[k:k + per] for k in range(0, len(jobs), per)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,22 +275,26 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True, fa
     done, _ = existing_rows(out)
     state.wait_for_everyone()  # nobody writes a row before every process has read the same `done`
     jobs, n = jobs_of(config), config.images_per_prompt
-    todo = [(j, missing) for j in jobs if (missing := [k for k in range(n) if j.key(k) not in done])]
-    mine = todo[state.process_index::state.num_processes]  # round-robin: shares of equal cost
+    todo = []
+    for batch in batches_of(config):
+        missing = [(j, [k for k in range(n) if j.key(k) not in done]) for j in batch]
+        if any(m for _, m in missing):
+            todo.append(missing)
+    mine = todo[state.process_index::state.num_processes]  # round-robin over batches
     summary = Summary(jobs=len(jobs), done_before=len(done), out=str(out), random_weights=models.random_weights)
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{uuid.uuid4().hex[:8]}.csv"
     part = PartWriter(out / PARTS / name)
-    bar = _progress(sum(len(m) for _, m in mine), progress and state.is_main_process, state)
+    bar = _progress(sum(len(m) for batch in mine for _, m in batch), progress and state.is_main_process, state)
     cache = {}
     try:
-        for job, missing in mine:
-            _release_other_pipelines(job.concept.model or config.model)
-            rows = run_job(config, job, missing, device, models, cache, out)
-            summary.images += len(missing)
+        for batch in mine:
+            _release_other_pipelines(batch[0][0].concept.model or config.model)
+            rows = run_batch(config, batch, device, models, cache, out)
+            summary.images += len(rows)
             if fail_after is not None and summary.images >= fail_after:
                 raise RuntimeError(f"sweep: stopped after {summary.images} images (fail_after, a test hook)")
             part.write(rows)
-            bar.update(len(missing))
+            bar.update(len(rows))
     finally:
         bar.close()
         part.close()
@@ -303,29 +327,79 @@ def _release_other_pipelines(model: str | None) -> None:
             torch.cuda.empty_cache()
 
 
-def run_job(config: SweepConfig, job: Job, missing: list[int], device: str, models, cache: dict,
-            out: Path) -> list[dict]:
-    """One job: its images in one batch, the missing ones saved and scored, their rows."""
-    from personalize.runs.request import check, execute
+def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: str, models, cache: dict,
+              out: Path) -> list[dict]:
+    """One batch (jobs of one concept and sampler point, each with its missing images):
+    every image through the denoiser together, the missing ones saved and scored, their
+    rows."""
+    from personalize.models.loading import load_pipeline
+    from personalize.runs.request import check, use_concept
+    from personalize.sampling.batched import Item, run_many
 
     n = config.images_per_prompt
-    result, card = execute(check(request_for(config, job, device, n)))
-    folder = Path("images") / job.concept.name / job.point.sampler / job.point.label / prompt_slug(job.prompt)
-    (out / folder).mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"s{job.seed}_{k:02d}.png" for k in missing]
-    for k, path in zip(missing, paths):
+    first = batch[0][0]
+    prep = check(request_for(config, first, device, n))
+    req = prep.request
+    pipe = load_pipeline(prep.model, device=req.device, dtype=req.dtype, scheduler=req.scheduler)
+    use_concept(pipe, req.concept, prep.concept_phrase, req.concept_scale)
+    from personalize.prompts import prompt_pair
+
+    items = [Item(prompt_pair(job.prompt, prep.concept_phrase, prep.superclass), job.seed) for job, _ in batch]
+    results = run_many(pipe, items, prep.config, num_images=n, height=config.height, width=config.width,
+                       negative_prompt=config.negative_prompt, concept_phrase=prep.concept_phrase)
+    model_label = req.model or f"demo ({prep.model})"
+    wanted = [(job, k, result) for (job, missing), result in zip(batch, results) for k in missing]
+    paths = []
+    for job, k, result in wanted:
+        folder = Path("images") / job.concept.name / job.point.sampler / job.point.label / prompt_slug(job.prompt)
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        path = folder / f"s{job.seed}_{k:02d}.png"
         result.images[k].save(out / path)
-    texts, scores = score(models, job, [result.images[k] for k in missing], cache)
-    base = {
-        "concept": job.concept.name, "prompt": job.prompt, "seed": job.seed, "sampler": job.point.sampler,
-        "params": job.point.params, "point": job.point.label, "rows": card["denoiser_rows"] // n,
-        "seconds": repr(card["seconds"] / n), "steps": config.steps, "model": card["model"],
-        "concept_weights": job.concept.weights or "", "concept_phrase": job.concept.phrase,
-        "superclass": job.concept.superclass, "ts_prompt": texts[0], "ts_class_prompt": texts[1],
-        "metric_models": models.describe(), "random_weights": str(models.random_weights).lower(), "dino": "",
-    }
-    return [dict(base, image=k, image_path=path.as_posix(), **{m: repr(v[i]) for m, v in scores.items()})
-            for i, (k, path) in enumerate(zip(missing, paths))]
+        paths.append(path)
+    images = [result.images[k] for _, k, result in wanted]
+    gen_clip, gen_dino = models.clip_images(images), models.dino_images(images)  # one call for the batch
+    rows = []
+    for i, ((job, k, result), path) in enumerate(zip(wanted, paths)):
+        texts, scores = score_embedded(models, job, gen_clip[i:i + 1],
+                                       None if gen_dino is None else gen_dino[i:i + 1], cache)
+        row = {
+            "concept": job.concept.name, "prompt": job.prompt, "seed": job.seed, "sampler": job.point.sampler,
+            "params": job.point.params, "point": job.point.label, "rows": result.rows // n,
+            "seconds": repr(result.seconds / n), "steps": config.steps, "model": model_label,
+            "concept_weights": job.concept.weights or "", "concept_phrase": job.concept.phrase,
+            "superclass": job.concept.superclass, "ts_prompt": texts[0], "ts_class_prompt": texts[1],
+            "metric_models": models.describe(), "random_weights": str(models.random_weights).lower(), "dino": "",
+            "image": k, "image_path": path.as_posix(), **{m: repr(v[0]) for m, v in scores.items()},
+            "concept_fidelity": "", "context_fidelity": "",
+        }
+        if config.world:
+            row.update(judge_columns(images[i], job))
+        rows.append(row)
+    return rows
+
+
+def judge_columns(image, job: Job) -> dict:
+    """The world judge's verdicts on one image (docs/world.md): concept shown, and context
+    (or colour, for a colour prompt) as the prompt says; 0 or 1."""
+    from personalize.world.judge import judge
+    from personalize.world.scene import fill
+
+    v = judge(image, fill(job.prompt, job.concept.phrase))
+    context_ok = v.colour_ok if v.colour_ok is not None else v.context_ok
+    return {"concept_fidelity": "" if v.concept is None else int(bool(v.concept)),
+            "context_fidelity": int(bool(context_ok))}
+
+
+def score_embedded(models, job: Job, gen_clip, gen_dino, cache: dict):
+    """`score` for images already embedded."""
+    from personalize.evaluation.metrics import image_scores
+    from personalize.prompts import prompt_pair, remove_concept
+
+    with_class = prompt_pair(job.prompt, job.concept.phrase, job.concept.superclass).superclass
+    texts = (remove_concept(job.prompt), with_class)
+    ref_clip, ref_dino = reference_embeddings(models, job.concept, cache)
+    ts, ts_class = text_embeddings(models, texts, cache)
+    return texts, image_scores(gen_clip, ref_clip, ts, ts_class, gen_dino, ref_dino)
 
 
 def score(models, job: Job, images: list, cache: dict) -> tuple[tuple[str, str], dict[str, list[float]]]:

@@ -1,8 +1,12 @@
-"""The sweep configuration (interfaces.md): YAML in, a checked `SweepConfig` out.
+"""The sweep configuration (docs/interfaces.md): YAML in, a checked `SweepConfig` out.
 
 Every mistake is a UserError naming the key, raised before anything is loaded or
 generated: unknown keys at any level, unknown prompt sets and samplers, parameters the
 sampler does not take, empty lists and grids, missing or unreadable reference images.
+
+On a world model (a folder with `world.json`, docs/world.md) the defaults follow the
+world: its prompt set, its metric model for CLIP (no DINO), and a concept named like one
+of its concepts takes that concept's weights, phrase, class and references.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 from personalize.errors import UserError
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
-            "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics")
+            "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images")
 CONCEPT_KEYS = ("name", "phrase", "superclass", "references", "weights", "model", "prompts")
 BENCH_KEYS = ("dreambench", "subjects", "phrase", "weights", "model", "prompts")
 SAMPLER_KEYS = ("name", "points", "grid")
@@ -65,6 +69,8 @@ class SweepConfig:
     device: str = "auto"
     dtype: str = "float32"
     metrics: Any = None  # metrics.MetricSettings, device not yet filled in
+    batch_images: int = 32  # images per denoiser batch (jobs of one sampler point go together)
+    world: bool = False     # the model is a world: rows get the judge's fidelity columns
 
 
 def load_config(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> SweepConfig:
@@ -91,13 +97,15 @@ def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtyp
     model = raw.get("model")
     if model is not None:
         model = _path_or_id(_text(model, "model"), base)
-    default_prompts = raw.get("prompts", "dreambench")
+    world = model is not None and is_world(model)
+    default_prompts = raw.get("prompts", "world" if world else "dreambench")
     concepts = _concepts(_list(raw.get("concepts"), "concepts"), base, model, default_prompts)
     points = _points(_list(raw.get("samplers"), "samplers"), steps, configure)
     seeds = raw.get("seeds", [0])
     seeds = _list([seeds] if isinstance(seeds, int) else seeds, "seeds")
     seeds = tuple(dict.fromkeys(_whole(s, f"seeds[{k}]", 0) for k, s in enumerate(seeds)))
-    metrics = _metric_settings(_mapping(raw.get("metrics") or {}, "metrics", METRIC_KEYS), base)
+    metrics = _metric_settings(_mapping(raw.get("metrics") or {}, "metrics", METRIC_KEYS), base,
+                               world=model if world else None)
     size = {k: None if raw.get(k) is None else _whole(raw[k], k, 1) for k in ("height", "width")}
     return SweepConfig(
         model=model, concepts=concepts, points=points, seeds=seeds, steps=steps,
@@ -107,13 +115,22 @@ def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtyp
         device=device or _text(raw.get("device", "auto"), "device"),
         dtype=dtype or _text(raw.get("dtype", "float32"), "dtype"),
         metrics=metrics,
+        batch_images=_whole(raw.get("batch_images", 32), "batch_images", 1),
+        world=world,
     )
 
 
-def _metric_settings(raw: dict, base: Path):
+def is_world(model: str | Path) -> bool:
+    """A world folder (docs/world.md): a pipeline folder with `world.json`."""
+    return (Path(model) / "world.json").is_file()
+
+
+def _metric_settings(raw: dict, base: Path, world: str | None = None):
+    """The metric settings; on a world, CLIP defaults to the world's metric model and DINO
+    to none (the world's images are 64 px, and it has no DINO of its own)."""
     from personalize.evaluation.metrics import MetricSettings
 
-    given = {}
+    given = {"clip": str(Path(world) / "metric"), "dino": "none"} if world else {}
     for key in ("clip", "dino", "dino_weights"):
         if raw.get(key) is not None:
             value = _text(raw[key], f"metrics.{key}")
@@ -190,15 +207,19 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
         from personalize.models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     folder = Path(concept_model or model)
-    meta = (read_concept_json(folder) if folder.is_dir() else None) or {}
+    weights = entry.get("weights")
+    if weights is not None:
+        weights = _path_or_id(_text(weights, f"{where}.weights"), base)
+    world_concept = folder / "concepts" / name
+    if weights is None and is_world(folder) and world_concept.is_dir():
+        weights = str(world_concept)  # the world's own concept of that name
+    weights_meta = read_concept_json(Path(weights)) if weights is not None and Path(weights).is_dir() else None
+    meta = weights_meta or (read_concept_json(folder) if folder.is_dir() else None) or {}
     phrase = _text(entry.get("phrase", meta.get("phrase")), f"{where}.phrase")
     superclass = _text(entry.get("superclass", meta.get("superclass")), f"{where}.superclass")
     references = entry.get("references", meta.get("references"))
     if references is None:
         raise UserError(f"{where}.references: missing; give a list of image files or a folder")
-    weights = entry.get("weights")
-    if weights is not None:
-        weights = _path_or_id(_text(weights, f"{where}.weights"), base)
     from personalize.evaluation.prompt_sets import resolve_prompts
     prompts = resolve_prompts(entry.get("prompts", default_prompts), name=name, superclass=superclass,
                               where=f"{where}.prompts" if "prompts" in entry else "prompts")
