@@ -135,3 +135,19 @@ def test_pareto_bad_results(tmp_path, capsys):
     write_csv(tmp_path / "results.csv", [])
     assert main(["pareto", str(tmp_path), "--out", str(tmp_path / "a.html")]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_pareto_plots_the_judges_fidelity(tmp_path, capsys):
+    rows = sample_rows()
+    for k, r in enumerate(rows):
+        r["concept_fidelity"], r["context_fidelity"] = k % 2, (k // 2) % 2
+    write_csv(tmp_path / "results.csv", rows)
+    out = tmp_path / "fidelity.html"
+    assert main(["pareto", str(tmp_path), "--out", str(out), "--plotlyjs", "cdn",
+                 "--x", "context_fidelity", "--y", "concept_fidelity"]) == 0
+    assert "concept fidelity (world judge)" in out.read_text()
+    rows[0]["concept_fidelity"] = ""
+    write_csv(tmp_path / "results.csv", rows)
+    assert main(["pareto", str(tmp_path), "--out", str(out), "--x", "context_fidelity",
+                 "--y", "concept_fidelity"]) == 2
+    assert "world model" in capsys.readouterr().err

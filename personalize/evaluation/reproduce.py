@@ -118,8 +118,8 @@ def point_table(rows: list[dict]) -> list[dict]:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    if len(a) < 3:
-        return float("nan")
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2 or any(v != v for v in list(a) + list(b)):
+        return float("nan")  # undefined for a constant or incomplete series
     from scipy.stats import spearmanr
 
     return float(spearmanr(a, b).statistic)
