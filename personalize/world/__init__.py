@@ -7,10 +7,13 @@ from .scene import (
     CLASSES, COLOURS, CONCEPTS, CONTEXTS, SIZE, WORLD_PROMPTS, Scene, fill, random_caption, random_scene,
     reference_scenes, render, render_batch,
 )
-from .judge import Verdict, fidelity, judge, parse_prompt, read_image
+from .judge import Verdict, fidelity, parse_prompt, read_image
+
+# `judge` (the function) is not re-exported: `personalize.world.judge` stays the module;
+# use `from personalize.world.judge import judge`.
 
 __all__ = [
     "CLASSES", "COLOURS", "CONCEPTS", "CONTEXTS", "SIZE", "WORLD_PROMPTS", "Scene", "fill", "random_caption",
     "random_scene", "reference_scenes", "render", "render_batch",
-    "Verdict", "fidelity", "judge", "parse_prompt", "read_image",
+    "Verdict", "fidelity", "parse_prompt", "read_image",
 ]
