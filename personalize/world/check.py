@@ -35,11 +35,15 @@ class Figure:
     @property
     def ok(self) -> bool:
         op, bound = self.target.split()
-        return self.value >= float(bound) if op == ">=" else self.value <= float(bound)
+        value = float(self.value)
+        if value != value:   # NaN: e.g. a Spearman of a constant series holds nothing
+            return False
+        return bool(value >= float(bound) if op == ">=" else value <= float(bound))
 
     def row(self) -> dict:
-        return {"figure": self.name, "value": round(self.value, 4), "target": self.target, "ok": self.ok,
-                "images": self.images}
+        value = float(self.value) if self.value is not None else float("nan")
+        return {"figure": self.name, "value": None if value != value else round(value, 4), "target": self.target,
+                "ok": self.ok, "images": int(self.images)}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -184,7 +188,8 @@ def mixed_sweep(pipe, metric: MetricModel, names, images: int, templates) -> tup
                 verdicts += [J.judge(im, fill(template, concept["phrase"])) for im in ims]
         fid = J.fidelity(verdicts)
         points.append({"w_s": w_s, "w_c": 7 - w_s, "is": float(np.mean(is_)), "ts": float(np.mean(ts)),
-                       "concept_fidelity": fid["concept_fidelity"], "context_fidelity": fid["context_fidelity"],
+                       "concept_fidelity": float(fid["concept_fidelity"]),
+                       "context_fidelity": float(fid["context_fidelity"]),
                        "images": len(verdicts)})
     n = sum(p["images"] for p in points)
     w = [p["w_s"] for p in points]
@@ -234,5 +239,6 @@ def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=
 def format_table(record: dict) -> str:
     lines = ["| figure | value | target | holds | images |", "|---|---|---|---|---|"]
     for f in record["figures"]:
-        lines.append(f"| {f['figure']} | {f['value']:.3f} | {f['target']} | {'yes' if f['ok'] else 'NO'} | {f['images']} |")
+        value = "n/a" if f["value"] is None else f"{f['value']:.3f}"
+        lines.append(f"| {f['figure']} | {value} | {f['target']} | {'yes' if f['ok'] else 'NO'} | {f['images']} |")
     return "\n".join(lines)
