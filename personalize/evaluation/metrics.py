@@ -204,21 +204,25 @@ def _load(settings: MetricSettings) -> MetricModels:
     if clip_label is None:
         random.append("clip")
     clip_label = f"{CLIP_MODEL}/{clip_label or 'RANDOM'}"
-    dino, dino_label = None, "none"
-    if settings.dino != "none":
-        name = DINO_MODELS[settings.dino]
-        dino, label = _load_or_random(
-            "DINO", settings.dino_weights or "hub", settings.allow_random,
-            lambda: _timm(name, True, settings.dino_weights), lambda: _timm(name, False, None))
-        if label is None:
-            random.append("dino")
-        dino_label = f"{name}/{label or 'RANDOM'}"
+    dino, dino_label, dino_random = _load_dino(settings)
+    random += dino_random
     for model in (clip, dino):
         if model is not None:
             model.eval().requires_grad_(False).to(settings.device)
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
     return MetricModels(clip, tokenizer, dino, clip_label=clip_label, dino_label=dino_label,
                         random=tuple(random), device=settings.device)
+
+
+def _load_dino(settings: MetricSettings):
+    """DINO as the settings say: (model or None, label, ["dino"] when its weights are random)."""
+    if settings.dino == "none":
+        return None, "none", []
+    name = DINO_MODELS[settings.dino]
+    dino, label = _load_or_random(
+        "DINO", settings.dino_weights or "hub", settings.allow_random,
+        lambda: _timm(name, True, settings.dino_weights), lambda: _timm(name, False, None))
+    return dino, f"{name}/{label or 'RANDOM'}", [] if label is not None else ["dino"]
 
 
 def _load_folder(settings: MetricSettings, folder: Path) -> MetricModels:
@@ -238,15 +242,8 @@ def _load_folder(settings: MetricSettings, folder: Path) -> MetricModels:
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"metrics: could not load the CLIP folder {folder}: {reason}") from None
     clip.eval().requires_grad_(False).to(settings.device)
-    dino, dino_label, random = None, "none", []
-    if settings.dino != "none":
-        name = DINO_MODELS[settings.dino]
-        dino, label = _load_or_random(
-            "DINO", settings.dino_weights or "hub", settings.allow_random,
-            lambda: _timm(name, True, settings.dino_weights), lambda: _timm(name, False, None))
-        if label is None:
-            random.append("dino")
-        dino_label = f"{name}/{label or 'RANDOM'}"
+    dino, dino_label, random = _load_dino(settings)
+    if dino is not None:
         dino.eval().requires_grad_(False).to(settings.device)
     return MetricModels(clip, tokenizer, dino, clip_label=f"open_clip folder {folder.resolve().parent.name}/{folder.name}",
                         dino_label=dino_label, random=tuple(random), device=settings.device, clip_pre=pre)
