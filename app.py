@@ -15,6 +15,8 @@ import gradio as gr
 
 from personalize.errors import UserError
 from personalize.runs.lab import Lab
+from personalize.runs.live import Live
+from personalize.runs.live import make_lab as live_lab
 from ui.api import create_api
 from ui.compare import create_compare
 from ui.concept_tab import create_concept
@@ -23,32 +25,44 @@ from ui.guide import create_guide
 from ui.session import Session
 
 
+# Page styles (pass to `launch(css=CSS)`): compact text beside the images; small images
+# stay sharp when shown large; the study's three images at one display size.
+CSS = """
+.banner, .score { font-size: 0.85em; }
+.score p { margin: 0; }
+#img-concept img, #img-chosen img, #img-superclass img, #sweep-gallery img { image-rendering: pixelated; }
+#study-image-1 img, #study-image-2 img, div:has(+ #study-image-1) img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
+WORLD_STEPS = 25  # the world's own step count (personalize.world.check)
+
+
 def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
     """The app; with `study_dir`, also that user study's tab (first) and endpoints."""
     study = None
     if study_dir is not None:
         from personalize.study.tasks import Study
         study = Study(study_dir)
+    live = Live(lab)
+    start = {"steps": WORLD_STEPS, "prompt": "a {} on the beach"} if live.world else {}
     with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
-        gr.Markdown("# personalize\nWhich sampler gives your fine-tuned concept the best balance of concept "
+        gr.Markdown("**personalize** · which sampler gives your fine-tuned concept the best balance of concept "
                     "fidelity and prompt following?")
         state = gr.State(Session(copy.deepcopy(lab.default_concept)))
         with gr.Tabs():
             if study is not None:
                 from ui.study_tab import create_study
                 create_study(study)
-            explore = create_explore(lab, state)
-            compare = create_compare(lab, state)
+            explore = create_explore(lab, state, live, **start)
+            compare = create_compare(lab, state, **start)
             concept = create_concept(lab, state)
             create_guide()
         create_api(lab, state)
         # The tabs know nothing of each other; the app wires what one shows after another acts.
-        compare["done"].then(lambda session: lab.chart(session.history, session.background), [state],
-                             [explore["chart"]], api_visibility="private")
-        concept["done"].then(lambda session: session.concept.references, [state], [explore["references"]],
-                             api_visibility="private")
-        demo.load(lambda session: (session.concept.references, lab.chart(session.history, session.background)),
-                  [state], [explore["references"], explore["chart"]], api_visibility="private")
+        refresh = [state, explore["live_state"]]
+        compare["done"].then(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
+        concept["done"].then(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
+        demo.load(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
     # One queue for everything that touches the model: users never share a pipeline mid-run.
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -60,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--concept", default=None, help="fine-tuned concept, any supported format")
     p.add_argument("--concept-phrase", default=None)
     p.add_argument("--superclass", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", default=None, help="default: float16 on cuda, else float32")
     p.add_argument("--host", default=None, help="default: 127.0.0.1, or GRADIO_SERVER_NAME (Spaces)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true")
@@ -73,8 +87,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        lab = Lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
-                  superclass=args.superclass, device=args.device, dtype=args.dtype)
+        lab = make_lab(args)
         demo = build_app(lab, study_dir=args.study)
         served = lab.served_folders()
         if args.study:
@@ -84,8 +97,15 @@ def main(argv=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=served)
+                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=served, css=CSS)
 
 
-if __name__ == "__main__":
-    main()
+def make_lab(args) -> Lab:
+    """The app's Lab from the command line (`personalize.runs.live.make_lab`): the device
+    is cuda (float16) where a GPU is present, else cpu."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    return live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
+                    superclass=args.superclass, device=device, dtype=dtype)

@@ -139,20 +139,24 @@ def test_page_generate_streams_image_and_lands_on_chart(page):
     assert "offline demo model" in page.locator("#banner").inner_text()
     set_steps(page, 6)
     page.click("#generate")
-    page.wait_for_selector("#gallery img", timeout=120_000)
+    page.wait_for_selector("#img-chosen img", timeout=120_000)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
     chart_points = page.locator("#chart .scatterlayer .point")
     chart_points.first.wait_for(timeout=30_000)
     assert chart_points.count() >= 1
+    for end in ("#img-concept img", "#img-superclass img"):  # the two ends, at the same seed
+        assert page.locator(end).count() == 1
     shot(page, "explore_mixed")
 
 
-def test_page_masked_shows_attention_and_mask(page):
-    choose_sampler(page, "masked")
-    page.click("#generate")
-    page.wait_for_selector("#attention img", timeout=120_000)
-    page.wait_for_selector("#mask img", timeout=120_000)
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
+def test_page_masked_runs_on_choosing_it_and_overlays_its_mask(page):
+    choose_sampler(page, "masked")  # choosing a sampler runs it
+    page.wait_for_function("document.querySelector('#img-chosen img') && "
+                           "document.querySelector('#img-chosen img').alt.includes('masked sampling') && "
+                           "document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
+    page.locator("#mask-toggle input").check()
+    page.wait_for_function("document.querySelector('#img-chosen img').alt.includes('mask in red')", timeout=30_000)
+    page.locator("#mask-toggle input").uncheck()
     shot(page, "explore_masked")
 
 
@@ -196,8 +200,11 @@ def test_page_bad_input_shows_message_and_keeps_serving(page, tmp_path):
 
 def test_page_history_reloads_into_the_sliders(page):
     page.get_by_role("tab", name="Explore").click()
-    choose_sampler(page, "concept")
-    page.locator("#history").scroll_into_view_if_needed()
-    page.get_by_label("Run #").fill("2")  # the masked run of test_page_masked_shows_attention_and_mask
+    page.get_by_text("History", exact=True).click()
+    first = page.locator("#history tbody tr").first
+    first.wait_for(timeout=30_000)
+    sampler = next(name for name in ("masked", "mixed", "concept") if name in first.inner_text().split())
+    choose_sampler(page, "switching" if sampler != "switching" else "concept")
+    page.get_by_label("Run #").fill("1")
     page.get_by_text("Load run into the sliders").click()
-    page.wait_for_function("document.querySelector('#sampler input').value === 'masked'", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('#sampler input').value === '{sampler}'", timeout=30_000)

@@ -20,13 +20,16 @@ def create_controls(sampler: str, steps: int) -> dict[str, gr.components.Compone
         value = default_for(spec.param(name), steps) if visible else default_for(p, steps)
         label = f"{name}: {p.help}"
         if p.kind == "choice":
-            controls[name] = gr.Radio(list(p.choices), value=value, label=label, visible=visible)
+            controls[name] = gr.Radio(list(p.choices), value=value, label=label, visible=visible,
+                                     elem_id=f"param-{name}")
         elif p.kind in ("steps", "int"):
             high = STEP_MAX if p.kind == "steps" else p.high
-            controls[name] = gr.Slider(p.low, high, value=value, step=1, label=label, visible=visible)
+            controls[name] = gr.Slider(p.low, high, value=value, step=1, label=label, visible=visible,
+                                      elem_id=f"param-{name}")
         else:
             step = 0.05 if p.kind in ("fraction", "float") else 0.5
-            controls[name] = gr.Slider(p.low, p.high, value=value, step=step, label=label, visible=visible)
+            controls[name] = gr.Slider(p.low, p.high, value=value, step=step, label=label, visible=visible,
+                                      elem_id=f"param-{name}")
     return controls
 
 
@@ -39,3 +42,22 @@ def control_updates(sampler: str, steps: int) -> list:
         updates.append(gr.update(visible=mine, value=default_for(spec.param(name), steps)) if mine
                        else gr.update(visible=False))
     return updates
+
+
+def create_sampler_controls(sampler: str, steps: int, prefix: str = "") -> list[gr.components.Component]:
+    """One control per parameter of `sampler`, in its table's order, labelled with the
+    sampler's name (so that several samplers' controls can share a page)."""
+    controls = []
+    for p in SAMPLERS[sampler].params:
+        value = default_for(p, steps)
+        label = f"{sampler} · {p.name}: {p.help}"
+        elem_id = f"{prefix}{sampler}-{p.name}"
+        if p.kind == "choice":
+            controls.append(gr.Radio(list(p.choices), value=value, label=label, elem_id=elem_id))
+        elif p.kind in ("steps", "int"):
+            high = STEP_MAX if p.kind == "steps" else p.high
+            controls.append(gr.Slider(p.low, high, value=value, step=1, label=label, elem_id=elem_id))
+        else:
+            step = 0.05 if p.kind in ("fraction", "float") else 0.5
+            controls.append(gr.Slider(p.low, p.high, value=value, step=step, label=label, elem_id=elem_id))
+    return controls

@@ -1,0 +1,220 @@
+"""The Explore tab as an instrument, in a real headless Chromium (Debian's), at 1366x768.
+
+Runs on the shipped world (or `$PERSONALIZE_WORLD`) when there is one, else on the
+offline demo model. On the world a slider change must show its image and chart point
+within 2 s (a bound for a broken page, not the performance figure: see
+personalize/runs/latency.py); elsewhere within `$PERSONALIZE_LIVE_BOUND` seconds (60).
+"""
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from tests.test_app import CHROMIUM, free_port  # noqa: E402
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+SCREENSHOT = os.environ.get("PERSONALIZE_EXPLORE_SHOT")  # also save the 1366x768 screenshot here
+VIEW = {"width": 1366, "height": 768}
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir):
+    from personalize.world.paths import shipped_world
+
+    world = shipped_world()
+    return (str(world), True) if world is not None else (str(demo_dir), False)
+
+
+@pytest.fixture(scope="module")
+def app(model):
+    from app import CSS, build_app
+    from personalize.runs.live import make_lab
+
+    path, world = model
+    lab = make_lab(path)
+    lab.default_size = 64
+    demo = build_app(lab)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=lab.served_folders(), css=CSS)
+    yield f"http://127.0.0.1:{port}/", world
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    url, _ = app
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport=VIEW)
+        page.goto(url)
+        page.wait_for_selector("#param-w_s input[type=range]", timeout=120_000)
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def bound(app):
+    _, world = app
+    return 2.0 if world else float(os.environ.get("PERSONALIZE_LIVE_BOUND", "60"))
+
+
+CURRENT = """() => {
+    const g = document.querySelector('#chart .js-plotly-plot');
+    if (!g || !g.data) return null;
+    const t = g.data.find(t => t.name === 'current');
+    return t ? t.text[0] : null;
+}"""
+TRACE_POINTS = """(name) => {
+    const g = document.querySelector('#chart .js-plotly-plot');
+    if (!g || !g.data) return -1;
+    const t = g.data.find(t => t.name === name);
+    return t ? t.x.length : -1;
+}"""
+
+
+def status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def counts(page) -> tuple[int, int]:
+    """(runs finished, runs superseded) from the status line."""
+    m = re.search(r"Runs finished: (\d+), superseded[^:]*: (\d+)", status(page))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def release_at(page, name: str, fraction: float) -> str:
+    """Press and release the slider `name` at `fraction` of its track (a mouse user's
+    drag); returns the value it then shows."""
+    track = page.locator(f"#param-{name} input[type=range]")
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + 8 + (box["width"] - 16) * fraction, box["y"] + box["height"] / 2)
+    return page.locator(f"#param-{name} input[type=number]").input_value()
+
+
+def wait_done_with(page, text: str, timeout_s: float):
+    page.wait_for_function(
+        "(t) => { const s = document.querySelector('#status'); const i = document.querySelector('#img-chosen img');"
+        " return s && s.innerText.includes('Done') && i && (i.alt || '').includes(t); }",
+        arg=text, timeout=timeout_s * 1000)
+
+
+def choose_sampler(page, name):
+    box = page.locator("#sampler input")
+    box.click()
+    box.fill(name)
+    box.press("Enter")
+    page.wait_for_timeout(300)
+
+
+def test_releasing_a_slider_updates_image_and_chart_point(page, bound):
+    # the first change loads the model and makes the two ends: not timed
+    value = release_at(page, "w_s", 0.1)
+    wait_done_with(page, f"w_s={float(value):g}", 600)
+    assert page.locator("#img-concept img").count() == 1 and page.locator("#img-superclass img").count() == 1
+    for fraction in (0.3, 0.5):
+        before = page.evaluate(CURRENT)
+        started = time.perf_counter()
+        value = release_at(page, "w_s", fraction)
+        wanted = f"w_s={float(value):g}"
+        wait_done_with(page, wanted, 600)
+        page.wait_for_function(f"() => ({CURRENT})() && ({CURRENT})().includes('{wanted}')", timeout=600_000)
+        elapsed = time.perf_counter() - started
+        assert page.evaluate(CURRENT) != before
+        assert elapsed < bound, f"image and chart point after {elapsed:.2f} s (bound {bound} s)"
+    assert page.evaluate(TRACE_POINTS, "previous → current") == 2
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explore_live.png"))
+
+
+def test_second_change_during_a_run_cancels_the_first(page):
+    page.get_by_text("Run settings").click()
+    box = page.locator("#steps input[type=number]")
+    box.fill("150")
+    box.press("Tab")  # blur: the steps slider's release, which runs once
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+    page.wait_for_timeout(500)
+    finished, superseded = counts(page)
+    release_at(page, "w_s", 0.2)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Step')", timeout=600_000)
+    value = release_at(page, "w_s", 0.6)
+    wait_done_with(page, f"w_s={float(value):g}", 600)
+    assert counts(page) == (finished + 1, superseded + 1)
+    box.fill("30")
+    box.press("Tab")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+    page.get_by_text("Run settings").click()
+
+
+def test_mask_overlay_toggles(page):
+    choose_sampler(page, "masked")
+    page.wait_for_function("document.querySelector('#img-chosen img') && "
+                           "document.querySelector('#img-chosen img').alt.includes('masked sampling') && "
+                           "document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+    image = page.locator("#img-chosen img")
+    plain = image.get_attribute("src")
+    assert "mask in red" not in image.get_attribute("alt")
+    page.locator("#mask-toggle input").check()
+    page.wait_for_function("document.querySelector('#img-chosen img').alt.includes('mask in red')", timeout=60_000)
+    assert image.get_attribute("src") != plain
+    page.locator("#mask-toggle input").uncheck()
+    page.wait_for_function("!document.querySelector('#img-chosen img').alt.includes('mask in red')", timeout=60_000)
+    choose_sampler(page, "mixed")
+    page.wait_for_function("document.querySelector('#img-chosen img').alt.includes('mixed sampling')",
+                           timeout=600_000)
+
+
+def test_sweep_draws_a_curve_of_8_points(page):
+    page.get_by_text("Sweep this parameter").first.click()
+    page.locator("#sweep").click()
+    page.wait_for_function(f"() => ({TRACE_POINTS})('sweep: w_s') === 8", timeout=600_000)
+    assert "Sweep of w_s over 8 points" in status(page)
+    page.get_by_text("Sweep this parameter").first.click()
+
+
+def test_screenshot_shows_images_sliders_and_chart_without_scrolling(page):
+    page.evaluate("window.scrollTo(0, 0)")
+    for selector in ("#img-concept", "#img-chosen", "#img-superclass", "#param-w_s", "#param-w_c", "#chart"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= VIEW["height"] + 1, selector
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explore.png"))
+    if SCREENSHOT:
+        shutil.copy(ARTIFACTS / "explore.png", SCREENSHOT)
+
+
+def test_every_control_is_labelled(page):
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('#component-0 input, input, textarea, select')]
+        .filter(e => e.type !== 'hidden' && e.offsetParent !== null)
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.closest('label'))
+        .map(e => e.outerHTML.slice(0, 120))""")
+    assert unlabelled == []
+
+
+def test_compare_two_samplers_with_their_own_sliders(page):
+    page.get_by_role("tab", name="Compare").click()
+    group = page.locator("#compare-samplers")
+    group.get_by_label("concept", exact=True).uncheck()
+    page.wait_for_function("document.querySelector('#compare-concept') === null || "
+                           "document.querySelector('#compare-concept').offsetParent === null", timeout=30_000)
+    for elem_id, value in (("compare-mixed-w_s", "1.5"), ("compare-switching-t_sw", "2")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#compare").click()
+    page.wait_for_function("document.querySelectorAll('#compare-gallery img').length >= 2", timeout=600_000)
+    page.wait_for_timeout(500)
+    captions = page.locator("#compare-gallery").inner_text()
+    assert "w_s=1.5" in captions and "t_sw=2" in captions, captions
+    page.get_by_role("tab", name="Explore").click()
