@@ -13,15 +13,21 @@ from personalize.runs.recording import compare_runs, parse_json_object, record_r
 
 from .errors import shown
 from .gpu import gpu
+from .serving import RateLimit
 
 
-def create_api(lab: Lab, state: gr.State):
+def create_api(lab: Lab, state: gr.State, rate: RateLimit | None = None):
+    """The endpoints; `rate` (default: PERSONALIZE_RUNS_PER_MINUTE per client) is checked
+    before anything else."""
+    rate = rate or RateLimit()
     with gr.Column(visible=False):
         prompt = gr.Textbox(label="prompt template")
         sampler = gr.Textbox(label="sampler name")
         params = gr.Textbox(label="parameters (JSON object)")
-        seed = gr.Number(value=0, precision=0, label="seed")
-        steps = gr.Number(value=30, precision=0, label="steps")
+        # precision=None: the value comes through as sent, and the library's check says what
+        # is wrong with 1e400, NaN or 2**64 (gradio's own rounding would fail without a message)
+        seed = gr.Number(value=0, precision=None, label="seed")
+        steps = gr.Number(value=30, precision=None, label="steps")
         samplers = gr.Dropdown(list(SAMPLERS), multiselect=True, label="sampler names")
         images = gr.Gallery(label="images")
         card = gr.JSON(label="run card")
@@ -29,11 +35,12 @@ def create_api(lab: Lab, state: gr.State):
         button_compare = gr.Button()
 
     @gpu
-    def generate(session, prompt_, sampler_, params_, seed_, steps_):
+    def generate(session, prompt_, sampler_, params_, seed_, steps_, request: gr.Request = None):
         """One run of one sampler; returns its images and run card (with is, ts, ts_class)."""
         try:
+            rate.check(request)
             prep = lab.request(session.concept, prompt_, sampler_, parse_json_object(params_, "parameters"),
-                               seed=int(seed_), steps=int(steps_))
+                               seed=seed_, steps=steps_)
             finished = lab.generate(prep)
         except UserError as e:
             raise shown(e) from None
@@ -41,9 +48,10 @@ def create_api(lab: Lab, state: gr.State):
         return run_card["images"], run_card, session
 
     @gpu
-    def compare(session, prompt_, samplers_, params_, seed_, steps_):
+    def compare(session, prompt_, samplers_, params_, seed_, steps_, request: gr.Request = None):
         """The same prompt and seed through several samplers: one image per sampler, run cards."""
         try:
+            rate.check(request)
             items, cards = compare_runs(lab, session.concept, session.history, prompt_, samplers_, params_, seed_, steps_)
         except UserError as e:
             raise shown(e) from None

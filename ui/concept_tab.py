@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.runs.lab import Lab
+from personalize.runs.lab import MAX_REFERENCES, Lab
 from .errors import shown
 
 
@@ -20,11 +20,12 @@ def create_concept(lab: Lab, state: gr.State) -> dict:
             phrase = gr.Textbox(value=lab.default_concept.phrase, label="Concept phrase", elem_id="phrase")
             superclass = gr.Textbox(value=lab.default_concept.superclass, label="Superclass", elem_id="superclass")
         with gr.Row():
-            path = gr.Textbox(label="Fine-tuned concept: path on the server (any supported format)",
+            path = gr.Textbox(label="Fine-tuned concept offered by the server: its name under the concepts "
+                                    "folder (any supported format)",
                               value=lab.default_concept.weights or "")
             upload = gr.File(label=f"or upload (.safetensors only, at most {lab.max_upload_mb} MB)",
                              file_types=[".safetensors"], elem_id="concept-upload")
-        ref_files = gr.File(label="Reference images of the concept", file_count="multiple", file_types=["image"])
+        ref_files = gr.File(label=f"Reference images of the concept (at most {MAX_REFERENCES})", file_count="multiple", file_types=["image"])
         apply = gr.Button("Use this concept", variant="primary", elem_id="apply-concept")
         status = gr.Markdown(elem_id="concept-status")
 

@@ -106,6 +106,37 @@ def existing_rows(out: Path) -> tuple[dict[tuple, dict], list[Path]]:
     return rows, parts
 
 
+def save_image(image, path: Path) -> None:
+    """Write a PNG all at once, before its row: a temporary file in the same folder, synced
+    and renamed into place, then the folder synced. After a crash the path holds the whole
+    image or nothing (and then resume redoes it), never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the renames in it survive a power cut (where the system allows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class PartWriter:
     """This process's part file, new for every run: rows appended, flushed and synced job by
     job. A file is never reopened, so a line cut short by a crash stays the last one."""
@@ -145,6 +176,7 @@ def merge(out: Path, order: list[tuple]) -> int:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(out / RESULTS)
+    sync_folder(out)
     for p in parts:
         p.unlink(missing_ok=True)
     if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
@@ -354,7 +386,7 @@ def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: s
         folder = Path("images") / job.concept.name / job.point.sampler / job.point.label / prompt_slug(job.prompt)
         (out / folder).mkdir(parents=True, exist_ok=True)
         path = folder / f"s{job.seed}_{k:02d}.png"
-        result.images[k].save(out / path)
+        save_image(result.images[k], out / path)
         paths.append(path)
     images = [result.images[k] for _, k, result in wanted]
     gen_clip, gen_dino = models.clip_images(images), models.dino_images(images)  # one call for the batch

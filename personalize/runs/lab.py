@@ -19,6 +19,15 @@ from personalize.models.loading import study_model_available  # noqa: F401  (re-
 from personalize.runs.preview import latents_to_rgb, map_to_image
 
 MAX_UPLOAD_MB = 256
+MAX_REFERENCES = 16                 # reference images per concept
+MAX_REFERENCE_PIXELS = 64 * 2 ** 20  # a reference's width x height, read from its header before decoding
+REFERENCE_SIDE = 512                 # references are kept at most this large (the metrics see 224)
+MAX_RESULTS_MB = 16                  # an uploaded sweep results.csv
+MAX_RESULTS_ROWS = 100_000
+RESULTS_COLUMNS = ("concept", "prompt", "sampler", "params", "is", "ts", "ts_class", "dino", "random_weights",
+                   "concept_fidelity", "context_fidelity")  # what the chart reads; the rest is dropped
+CONCEPT_PATH_REFUSED = ("concept path: not a concept this server offers; give a name under its concepts "
+                        "folder, or upload a .safetensors file")
 PREVIEW_ZOOM = 8  # one latent pixel is 8 image pixels in SD's VAE
 
 
@@ -52,7 +61,7 @@ class Lab:
 
     def __init__(self, model: str | None = None, *, concept: str | None = None, concept_phrase: str | None = None,
                  superclass: str | None = None, device: str = "cpu", dtype: str = "float32",
-                 try_study_model: bool = True):
+                 try_study_model: bool = True, concepts_dir: str | None = None):
         self.demo = False
         self.reason = "named on the command line"
         if model is None and try_study_model:
@@ -71,6 +80,12 @@ class Lab:
         self.scheduler = "ddim" if model == STUDY_MODEL else "model"
         self.default_size = default_size(model)
         self.max_upload_mb = MAX_UPLOAD_MB
+        self.limits = runs.Limits.serving()    # what one request may ask for (PERSONALIZE_MAX_*)
+        # The only concepts the path box may name: the one given at start and those under
+        # `concepts_dir` (`--concepts-dir`); everything else comes as an upload.
+        self.concepts_root = Path(concepts_dir).expanduser().resolve() if concepts_dir else None
+        self.offered = {str(Path(concept).expanduser().resolve())} if concept else set()
+        self._references_dir: str | None = None
 
     # -- describing ---------------------------------------------------------------------
     def banner(self) -> str:
@@ -87,16 +102,63 @@ class Lab:
 
     # -- concepts -----------------------------------------------------------------------
     def check_references(self, paths: list[str]) -> list[str]:
-        """Reference images a user gave: each must open as an image."""
-        checked = []
+        """Reference images a user gave: at most MAX_REFERENCES, each an image of at most
+        MAX_REFERENCE_PIXELS (read from its header, before decoding), decoded once and kept
+        as a copy of at most REFERENCE_SIDE pixels a side; returns the copies' paths."""
+        if len(paths) > MAX_REFERENCES:
+            raise UserError(f"reference images: {len(paths)} given, at most {MAX_REFERENCES}")
+        opened = []
         for path in paths:
+            name = Path(path).name
             try:
                 with Image.open(path) as image:
-                    image.verify()
-            except (OSError, UnidentifiedImageError):
-                raise UserError(f"{Path(path).name}: not an image file") from None
-            checked.append(str(path))
-        return checked
+                    (w, h), big = image.size, image.size[0] * image.size[1] > MAX_REFERENCE_PIXELS
+                    if not big:
+                        image.verify()
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+                raise UserError(f"{name}: not an image file") from None
+            if big:
+                raise UserError(f"{name}: {w} x {h} pixels is over the limit of "
+                                f"{MAX_REFERENCE_PIXELS // 2 ** 20} megapixels")
+            opened.append(path)
+        return [self._small_copy(path) for path in opened]
+
+    def _small_copy(self, path: str) -> str:
+        import tempfile
+        import uuid
+
+        if self._references_dir is None or not Path(self._references_dir).is_dir():
+            self._references_dir = tempfile.mkdtemp(prefix="personalize-refs-")
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (REFERENCE_SIDE, REFERENCE_SIDE))  # JPEG: decode at a reduced size
+                small = image.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+            raise UserError(f"{Path(path).name}: not an image file") from None
+        small.thumbnail((REFERENCE_SIDE, REFERENCE_SIDE))
+        out = Path(self._references_dir) / f"{uuid.uuid4().hex}.png"
+        small.save(out)
+        return str(out)
+
+    def check_concept_path(self, path: str) -> str:
+        """A concept named in the path box: the one given at start, or one under the concepts
+        folder (a relative name is taken there). Anything else, missing or not, gets the same
+        message, so that the box says nothing about the server's files."""
+        if not isinstance(path, str) or not path.strip() or len(path) > 4096 or "\0" in path:
+            raise UserError(CONCEPT_PATH_REFUSED)
+        text = path.strip()
+        try:
+            given = Path(text).expanduser()
+            if self.concepts_root is not None and not given.is_absolute():
+                given = self.concepts_root / given
+            resolved = given.resolve()
+            inside = self.concepts_root is not None and resolved.is_relative_to(self.concepts_root) \
+                and resolved != self.concepts_root
+            if not (str(resolved) in self.offered or inside) or not resolved.exists():
+                raise UserError(CONCEPT_PATH_REFUSED)
+        except (OSError, RuntimeError, ValueError):
+            raise UserError(CONCEPT_PATH_REFUSED) from None
+        return str(resolved)
 
     def check_concept_upload(self, path: str) -> Path:
         return check_upload(path, suffixes=(".safetensors",), max_mb=self.max_upload_mb)
@@ -111,6 +173,8 @@ class Lab:
             raise UserError("superclass: empty; write the concept's class noun, e.g. 'dog'")
         if upload:
             weights = str(self.check_concept_upload(upload))
+        elif weights:
+            weights = self.check_concept_path(weights)
         if weights:
             from personalize.concepts.apply import detect_format
             detect_format(weights)
@@ -121,13 +185,18 @@ class Lab:
     def request(self, concept: Concept, prompt: str, sampler: str, params: dict, *, seed: int = 0,
                 steps: int = 30, negative_prompt: str = "", size: int | None = None,
                 num_images: int = 1) -> runs.Prepared:
-        """Check a run's input (raises UserError) without loading anything."""
+        """Check a run's input within `self.limits` (raises UserError) without loading
+        anything; numbers may come as a client sent them (int, float or text)."""
+        if not isinstance(sampler, str):
+            raise UserError(f"sampler: {type(sampler).__name__} given, a sampler name expected")
+        if not isinstance(params, dict):
+            raise UserError(f"parameters: {type(params).__name__} given, a JSON object expected")
         req = runs.Request(prompt=prompt, sampler=sampler, params=dict(params), model=self.model,
                            concept=concept.weights, concept_phrase=concept.phrase, superclass=concept.superclass,
-                           negative_prompt=negative_prompt, steps=int(steps), seed=int(seed),
-                           num_images=int(num_images), height=size, width=size, device=self.device,
+                           negative_prompt=negative_prompt or "", steps=steps, seed=seed,
+                           num_images=num_images, height=size, width=size, device=self.device,
                            dtype=self.dtype, scheduler=self.scheduler)
-        return runs.check(req)
+        return runs.check(req, self.limits)
 
     def stream(self, prep: runs.Prepared, stop: threading.Event | None = None) -> Iterator[StepUpdate | Finished]:
         """Run in a worker thread and yield a StepUpdate after every step, then Finished.
@@ -184,8 +253,10 @@ class Lab:
         return figure(rows, title="IS / TS of this session's runs")
 
     def read_results(self, path: str) -> list[dict]:
-        from personalize.evaluation.pareto import read_results
-        return read_results(path)
+        """An uploaded sweep results.csv for the chart: at most MAX_RESULTS_MB and
+        MAX_RESULTS_ROWS rows, only the columns the chart reads, every row checked (a bad
+        file is a UserError, never a half-drawn chart)."""
+        return read_results_upload(path)
 
     def generate(self, prep: runs.Prepared) -> Finished:
         for item in self.stream(prep):
@@ -229,6 +300,47 @@ def check_upload(path: str, *, suffixes: tuple[str, ...], max_mb: int = MAX_UPLO
     if size_mb > max_mb:
         raise UserError(f"{p.name}: {size_mb:.0f} MB is over the upload limit of {max_mb} MB")
     return p
+
+
+def read_results_upload(path: str, *, max_mb: int = MAX_RESULTS_MB, max_rows: int = MAX_RESULTS_ROWS) -> list[dict]:
+    import csv
+    import math
+
+    from personalize.evaluation.sweep import KEY
+
+    p = Path(path)
+    name = p.name
+    if not p.is_file():
+        raise UserError(f"{name}: not a file")
+    size = p.stat().st_size
+    if size > max_mb * 2 ** 20:
+        raise UserError(f"{name}: {size / 2 ** 20:.0f} MB is over the limit of {max_mb} MB for a results table")
+    rows = []
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in KEY + ("is", "ts") if c not in (reader.fieldnames or ())]
+            if missing:
+                raise UserError(f"{name}: not a sweep's results table (no column {missing[0]!r})")
+            for k, row in enumerate(reader):
+                if k >= max_rows:
+                    raise UserError(f"{name}: more than {max_rows} rows; give the chart a smaller table")
+                row = {c: row.get(c) or "" for c in RESULTS_COLUMNS}
+                try:
+                    params = json.loads(row["params"])
+                    values = [float(row["is"]), float(row["ts"])]
+                except (ValueError, RecursionError):
+                    params, values = None, [math.nan]
+                if not isinstance(params, dict) or not all(math.isfinite(v) for v in values):
+                    raise UserError(f"{name}: row {k + 1} has no JSON object of parameters or no finite is and ts")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{name}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise UserError(f"{name}: not a readable CSV table ({e})") from None
+    if not rows:
+        raise UserError(f"{name}: has no rows")
+    return rows
 
 
 def session_rows(history: list[dict]) -> list[dict]:

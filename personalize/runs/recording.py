@@ -8,7 +8,8 @@ import json
 import tempfile
 
 from personalize.errors import UserError
-from personalize.runs.runcard import write_run
+from personalize.runs.request import cost
+from personalize.runs.runcard import plain, write_run
 from personalize.sampling.samplers import SAMPLERS
 
 
@@ -40,12 +41,22 @@ def params_from(sampler: str, values) -> dict:
             for name, value in zip(PARAM_NAMES, values) if name in own}
 
 
+MAX_JSON_CHARS = 20_000  # room for per-step lists of every parameter over 150 steps
+
+
 def parse_json_object(text: str, what: str) -> dict:
-    """A JSON object typed by a user ("" is {}); UserError names `what` otherwise."""
-    if not text or not text.strip():
+    """A JSON object typed by a user ("" is {}); UserError names `what` otherwise (too
+    long, too deeply nested and not text included)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
         return {}
+    if not isinstance(text, str):
+        raise UserError(f"{what}: {type(text).__name__} given, a JSON object as text expected")
+    if len(text) > MAX_JSON_CHARS:
+        raise UserError(f"{what}: {len(text)} characters, over the limit of {MAX_JSON_CHARS}")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{what}: nested too deeply") from None
     except ValueError as e:
         raise UserError(f"{what}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
@@ -72,7 +83,7 @@ def record_run(lab, concept, history: list, finished) -> tuple[dict, str]:
     """Score a finished run, write its images and run card to a fresh temporary folder the
     app serves, and append the card to `history`. Returns the card (its `images` the
     served paths) and the path of its run.json."""
-    card = lab.score(concept, finished.images, finished.card)
+    card = plain(lab.score(concept, finished.images, finished.card))  # NaN scores as null
     out = tempfile.mkdtemp(prefix="personalize-run-")
     names = write_run(out, card, finished.images)["images"]
     card["images"] = [f"{out}/{name}" for name in names]
@@ -80,16 +91,33 @@ def record_run(lab, concept, history: list, finished) -> tuple[dict, str]:
     return card, f"{out}/run.json"
 
 
+def check_samplers(samplers) -> list[str]:
+    """The samplers of a comparison: names of known samplers, each once."""
+    if isinstance(samplers, str):
+        samplers = [samplers]
+    if not isinstance(samplers, (list, tuple)) or not all(isinstance(s, str) for s in samplers):
+        raise UserError("compare: give a list of sampler names")
+    if not samplers:
+        raise UserError("compare: choose at least one sampler")
+    if len(samplers) > len(SAMPLERS):
+        raise UserError(f"compare: {len(samplers)} samplers given; there are only {len(SAMPLERS)}")
+    twice = sorted({s for s in samplers if samplers.count(s) > 1})
+    if twice:
+        raise UserError(f"compare: {twice[0]!r} is given more than once; name each sampler once")
+    return list(samplers)
+
+
 def compare_runs(lab, concept, history: list, prompt, samplers, params_text, seed, steps, size=None):
     """Run every sampler on one prompt and seed; returns (gallery items, cards). Every
     input is checked (UserError) before anything runs."""
-    if isinstance(samplers, str):
-        samplers = [samplers]
-    if not samplers:
-        raise UserError("compare: choose at least one sampler")
-    params = parse_compare_params(params_text, list(samplers))
-    preps = [lab.request(concept, prompt, name, params.get(name, {}), seed=int(seed), steps=int(steps),
-                         size=int(size) if size else None) for name in samplers]
+    samplers = check_samplers(samplers)
+    params = parse_compare_params(params_text, samplers)
+    preps = [lab.request(concept, prompt, name, params.get(name, {}), seed=seed, steps=steps,
+                         size=size or None) for name in samplers]
+    need = sum(cost(p, lab.default_size) for p in preps)
+    if need > lab.limits.max_cost:
+        raise UserError(f"compare: these {len(preps)} runs need {need:,} denoiser row-pixels together, over this "
+                        f"server's limit of {lab.limits.max_cost:,}; compare fewer samplers or use fewer steps")
     items, cards = [], []
     for name, prep in zip(samplers, preps):
         card, _ = record_run(lab, concept, history, lab.generate(prep))

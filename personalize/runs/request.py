@@ -3,9 +3,12 @@ line, the app and the sweeps call."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,90 @@ from personalize.errors import UserError
 from personalize.models.loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
 from personalize.prompts import check_template, prompt_pair
 from personalize.runs.runcard import run_card
-from personalize.sampling.samplers import configure
+from personalize.sampling.samplers import MAX_STEPS, configure, plan, total_rows
+
+SEED_MAX = 2 ** 63 - 1       # torch.Generator.manual_seed takes a signed 64-bit seed
+TRAIN_TIMESTEPS = 1000       # DDPM's; a scheduler config without num_train_timesteps has it
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask for. `check` refuses anything over them before a
+    plan, a prompt or a model is built; a run's cost is its denoiser rows times its pixels.
+
+    `serving()` is what the app allows anonymous users (each bound can be changed with the
+    environment variable named in ENV); `local()` what the command line and sweeps allow
+    (still within the scheduler's training timesteps)."""
+    max_steps: int = 150
+    max_side: int = 1024
+    max_images: int = 8
+    max_prompt_chars: int = 1000     # template and negative prompt
+    max_phrase_chars: int = 100      # concept phrase and superclass
+    max_cost: int = 150 * 3 * 4 * 512 * 512  # denoiser rows x pixels of one request
+
+    ENV = {"max_steps": "PERSONALIZE_MAX_STEPS", "max_side": "PERSONALIZE_MAX_SIDE",
+           "max_images": "PERSONALIZE_MAX_IMAGES", "max_prompt_chars": "PERSONALIZE_MAX_PROMPT_CHARS",
+           "max_phrase_chars": "PERSONALIZE_MAX_PHRASE_CHARS", "max_cost": "PERSONALIZE_MAX_COST"}
+
+    @classmethod
+    def serving(cls, environ=None) -> "Limits":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, var in cls.ENV.items():
+            text = environ.get(var, "").strip()
+            if text:
+                try:
+                    values[name] = int(text.replace("_", ""))
+                except ValueError:
+                    raise UserError(f"{var}: {text!r} is not a whole number") from None
+                if values[name] < 1:
+                    raise UserError(f"{var}: {text!r} must be at least 1")
+        return cls(**values)
+
+    @classmethod
+    def local(cls) -> "Limits":
+        return cls(max_steps=MAX_STEPS, max_side=4096, max_images=256, max_prompt_chars=20_000,
+                   max_phrase_chars=1000, max_cost=10 ** 15)
+
+
+LOCAL = Limits.local()
+
+
+def whole(value, name: str, low: int, high: int) -> int:
+    """A whole number in [low, high] from what a form or client sent (int, integral float
+    or its text); UserError otherwise, never OverflowError or ValueError."""
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 40:
+            raise UserError(f"{name}: {text[:20]}... is not a whole number from {low} to {high}")
+        try:
+            value = int(text) if text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise UserError(f"{name}: {value!r} is not a whole number from {low} to {high}") from None
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise UserError(f"{name}: {value!r} is not a whole number from {low} to {high}")
+        if not low <= value <= high:
+            raise UserError(f"{name}: {value!r} is outside [{low}, {high}]")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name}: {value!r} is not a whole number from {low} to {high}")
+    if not low <= value <= high:
+        bits = value.bit_length()
+        shown = str(value) if bits < 100 else f"a {len(str(abs(value)))}-digit number" if bits < 10_000 \
+            else f"a number of {bits} bits"
+        raise UserError(f"{name}: {shown} is outside [{low}, {high}]")
+    return value
+
+
+def train_timesteps(model: str) -> int:
+    """The scheduler's number of training timesteps, read from a pipeline folder's
+    scheduler config without loading it (1000, DDPM's, for hub ids)."""
+    config = Path(model) / "scheduler" / "scheduler_config.json"
+    try:
+        return int(json.loads(config.read_text()).get("num_train_timesteps", TRAIN_TIMESTEPS))
+    except (OSError, ValueError, TypeError):
+        return TRAIN_TIMESTEPS
 
 
 @dataclass
@@ -50,16 +136,50 @@ class Prepared:
     label: str | None = None  # how the run card names a model chosen by default_model()
 
 
-def check(req: Request) -> Prepared:
-    """Check everything that can be checked without loading a model."""
+def check_text(name: str, value, limit: int, *, empty: bool = True) -> None:
+    if value is None and empty:
+        return
+    if not isinstance(value, str):
+        raise UserError(f"{name}: {type(value).__name__} given, text expected")
+    if len(value) > limit:
+        raise UserError(f"{name}: {len(value)} characters, over the limit of {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{name}: not valid text (a lone surrogate character)") from None
+
+
+def check_numbers(req: Request, limits: Limits) -> Request:
+    """Steps, seed, images, size and text lengths within `limits`, before anything is
+    built; returns the request with its numbers as int."""
+    sides = {}
+    for name, v in (("height", req.height), ("width", req.width)):
+        sides[name] = None if v is None else whole(v, f"--{name}", 8, limits.max_side)
+        if v is not None and sides[name] % 8:
+            raise UserError(f"--{name}: {v} must be a positive multiple of 8")
+    check_text("prompt", req.prompt, limits.max_prompt_chars, empty=False)
+    check_text("negative prompt", req.negative_prompt, limits.max_prompt_chars)
+    check_text("--concept-phrase", req.concept_phrase, limits.max_phrase_chars)
+    check_text("--superclass", req.superclass, limits.max_phrase_chars)
+    return replace(req, steps=whole(req.steps, "--steps", 1, limits.max_steps),
+                   seed=whole(req.seed, "--seed", 0, SEED_MAX),
+                   num_images=whole(req.num_images, "--num-images", 1, limits.max_images), **sides)
+
+
+def cost(prep: "Prepared", side: int) -> int:
+    """Denoiser rows x pixels of a checked request (`side`: the model's own size, used
+    where the request leaves height or width to the model)."""
+    req = prep.request
+    rows = total_rows(plan(prep.config), req.num_images)
+    return rows * (req.height or side) * (req.width or side)
+
+
+def check(req: Request, limits: Limits = LOCAL) -> Prepared:
+    """Check everything that can be checked without loading a model: first the numbers and
+    lengths within `limits`, then the sampler's parameters, the model, and the run's cost."""
+    req = check_numbers(req, limits)
     config = configure(req.sampler, req.params, req.steps)
     check_template(req.prompt)
-    for name, v, low in (("--seed", req.seed, 0), ("--num-images", req.num_images, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise UserError(f"{name}: {v!r} must be a whole number >= {low}")
-    for name, v in (("--height", req.height), ("--width", req.width)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise UserError(f"{name}: {v!r} must be a positive whole number")
     check_device(req.device, req.dtype)
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
@@ -81,8 +201,20 @@ def check(req: Request) -> Prepared:
         raise UserError("--concept-phrase: not given, and the model has no concept.json to take it from")
     if not superclass:
         raise UserError("--superclass: not given, and the model has no concept.json to take it from")
+    check_text("concept phrase", phrase, limits.max_phrase_chars)
+    check_text("superclass", superclass, limits.max_phrase_chars)
+    steps = train_timesteps(model)
+    if req.steps > steps:
+        raise UserError(f"--steps: {req.steps} is more than the scheduler's {steps} training timesteps")
     prompts = prompt_pair(req.prompt, phrase, superclass)
-    return Prepared(req, config, prompts, model, phrase, superclass, label)
+    prep = Prepared(req, config, prompts, model, phrase, superclass, label)
+    from personalize.models.loading import model_size
+    need = cost(prep, model_size(model) or 512)
+    if need > limits.max_cost:
+        raise UserError(f"this run needs {need:,} denoiser row-pixels (rows x height x width), over this "
+                        f"server's limit of {limits.max_cost:,}; use fewer steps or images, a smaller size, "
+                        "or a cheaper sampler")
+    return prep
 
 
 def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = None):
@@ -104,6 +236,14 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     return result, card
 
 
+def forget_pipeline(pipe) -> None:
+    """Drop `pipe` from the loaded-pipeline cache, so that it is never handed out again."""
+    from personalize.models import loading
+
+    for key in [k for k, v in loading._cache.items() if v is pipe]:
+        del loading._cache[key]
+
+
 # The concept applied to each cached pipeline, so that consecutive runs with the same
 # concept do not reload it. Runs on one pipeline never overlap (the app has one queue).
 _applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -116,7 +256,14 @@ def use_concept(pipe, path: str | None, phrase: str, scale: float):
     if current is not None and current[0] == key:
         return current[1]
     if current is not None:
-        current[1].remove()
+        try:
+            current[1].remove()
+        except BaseException:
+            # Part of the old concept may still be in the weights: nobody may use this
+            # pipeline again (the next request loads a clean one).
+            del _applied[pipe]
+            forget_pipeline(pipe)
+            raise
         del _applied[pipe]
     if key is None:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from importlib import metadata
@@ -53,6 +54,17 @@ def run_card(*, config, prompts, negative_prompt, concept_phrase, superclass, se
     }
 
 
+def plain(value):
+    """`value` with every non-finite float (NaN, inf) as None, so that it is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -95,7 +107,7 @@ def write_run(out: str | Path, card: dict, images: list, *, latents=None,
             card["latents"] = "latents.npy"
         if steps is not None:
             card["steps_dir"] = _write_steps(tmp / "steps", steps)
-        (tmp / "run.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps(plain(card), indent=2, allow_nan=False) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -15,6 +15,7 @@ from typing import Any
 
 from personalize.errors import UserError
 
+MAX_STEPS = 10_000  # no scheduler trains on more timesteps; a plan never holds more Steps
 U, C, S = "u", "C", "S"  # unconditional (negative prompt), concept prompt, superclass prompt
 ROW_ORDER = (U, C, S)
 
@@ -131,8 +132,8 @@ def get_spec(name: str) -> SamplerSpec:
 
 def configure(name: str, params: Mapping[str, Any] | None = None, steps: int = 50) -> SamplerConfig:
     """Check `params` for sampler `name` and fill in the study's defaults."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UserError(f"--steps: {steps!r} is not a whole number of steps >= 1")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps: {steps!r} is not a whole number of steps in [1, {MAX_STEPS}]")
     spec = get_spec(name)
     params = dict(params or {})
     filled = {p.name: params.pop(p.name, default_for(p, steps)) for p in spec.params}
@@ -164,8 +165,13 @@ def _check(p: Param, v, steps: int) -> None:
             bad = [x for x in v if not _is_number(x)]
             if bad:
                 raise UserError(f"{where}: {bad[0]!r} in the per-step list is not a number")
+            outside = [x for x in v if not p.low <= x <= p.high]
+            if outside:
+                raise UserError(f"{where}: {outside[0]} in the per-step list is outside [{p.low}, {p.high}]")
         elif not _is_number(v):
             raise UserError(f"{where}: {v!r} is not a number (or a JSON list of {steps} numbers)")
+        elif not p.low <= v <= p.high:
+            raise UserError(f"{where}: {v} is outside [{p.low}, {p.high}]")
     elif p.kind in ("steps", "int"):
         if not (_is_number(v) and float(v).is_integer()):
             raise UserError(f"{where}: {v!r} is not a whole number")
@@ -261,7 +267,10 @@ def _linear(weights: Mapping[str, float]) -> Step:
 
 
 def plan(config: SamplerConfig) -> list[Step]:
-    """One Step per denoising step `i = 0 .. N-1`, from the sampler's registered rule."""
+    """One Step per denoising step `i = 0 .. N-1`, from the sampler's registered rule.
+    `configure` bounds the steps (MAX_STEPS), so a plan's size is bounded too."""
+    if config.steps > MAX_STEPS:
+        raise UserError(f"--steps: {config.steps} is over {MAX_STEPS}; no plan is built for it")
     rule = get_spec(config.name).step_rule
     return [rule(config, i) for i in range(config.steps)]
 
