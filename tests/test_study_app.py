@@ -75,7 +75,7 @@ def crowd(server):
 
     def participant(k):
         c = client(server.url)
-        who = f"anon:participant-{k:02d}"
+        who = c.predict(api_name="/study_join")
         barrier.wait(timeout=120)
         done = []
         for n in range(ANSWERS_EACH):
@@ -86,7 +86,8 @@ def crowd(server):
             if n % 5 == 0:   # a double click: the same answer again
                 again = c.predict(who, task, *answers, api_name="/study_answer")
                 assert again["answer_id"] == ack["answer_id"] and not again["stored"]
-            done.append((task, ack))
+            assert task.startswith(ack["task"] + ".")                # the ticket names the task
+            done.append((ack["task"], ack))
         return who, done
 
     with ThreadPoolExecutor(PARTICIPANTS) as pool:
@@ -102,11 +103,12 @@ def test_concurrent_participants_all_stored_exactly_once(server, crowd):
         tasks = [t for t, _ in done]
         assert len(set(tasks)) == ANSWERS_EACH                     # never the same task twice
         assert [a["answered"] for _, a in done] == list(range(1, ANSWERS_EACH + 1))
-    rows = Study(server.study_dir).store.answers()
+    study = Study(server.study_dir)
+    rows = study.store.answers()
     assert len(rows) == PARTICIPANTS * ANSWERS_EACH
     assert len({(r["participant"], r["task"]) for r in rows}) == len(rows)
     stored = {(r["participant"], r["task"]): r["id"] for r in rows}
-    assert all(stored[(who, t)] == a["answer_id"] for who, done in crowd.items() for t, a in done)
+    assert all(stored[(study.participant(who), t)] == a["answer_id"] for who, done in crowd.items() for t, a in done)
 
 
 def test_restart_loses_no_answer(server, crowd):
@@ -118,9 +120,9 @@ def test_restart_loses_no_answer(server, crowd):
     assert sum(p["answers"] for p in report["pairs"] if p["question"] == "all") <= report["answers"]
     for p in report["pairs"]:
         assert {"wins", "losses", "ties", "win_rate", "wilson_95", "bootstrap_95"} <= set(p)
-    who = "anon:participant-03"
+    who = sorted(crowd)[3]
     *_, task = c.predict(who, api_name="/study_task")
-    assert task not in {t for t, _ in crowd[who]}                  # carries on where it stopped
+    assert task.split(".")[0] not in {t for t, _ in crowd[who]}    # carries on where it stopped
     assert c.predict(who, task, "1", "1", "1", api_name="/study_answer")["answered"] == ANSWERS_EACH + 1
 
 
@@ -141,6 +143,7 @@ def test_no_password_set_closes_the_report(server, monkeypatch):
 @pytest.mark.parametrize("task,answers,message", [
     ("t99999", ("1", "2", "1"), "unknown task 't99999'"),
     ("", ("1", "2", "1"), "unknown task ''"),
+    ("t00001", ("1", "2", "1"), "not a task this study gave this participant"),
     (None, ("1", "maybe", "1"), ("answer 2 (Which image better represents the original image?): 'maybe' is "
                                  "not one of 1, 2, cant_decide")),
     (None, ("1", "2", ""), "answer 3"),
@@ -148,7 +151,7 @@ def test_no_password_set_closes_the_report(server, monkeypatch):
 ])
 def test_unknown_task_or_bad_answer_is_refused_and_stores_nothing(server, task, answers, message):
     c = client(server.url)
-    who = "anon:careless"
+    who = c.predict(api_name="/study_join")
     if task is None:
         *_, task = c.predict(who, api_name="/study_task")
     before = Study(server.study_dir).store.count()

@@ -2,16 +2,17 @@
 the report, and the three web API endpoints of docs/interfaces.md (`/study_task`,
 `/study_answer`, `/study_report`) on hidden components.
 
-A participant is the Hugging Face login on a Space where they signed in, else an
-anonymous id kept in their browser (encrypted with the study's own key, so it survives
-a restart of the app). What task they are on lives in their `gr.State`."""
+A participant is the Hugging Face login on a Space where they signed in (an OAuth profile
+the server received, never an id a client typed), else an anonymous token the server
+signed, kept in their browser. What task they are on lives in their `gr.State`; web API
+clients get a token from `/study_join` and answer only the tasks (tickets) `/study_task`
+gave that token."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-import uuid
 
 import gradio as gr
 
@@ -25,23 +26,29 @@ INTRO = ("**User study.** Each task shows an original image of a subject, a text
          "images. Answer the three questions with 1, 2 or *Can't decide*, then submit to get the next task.")
 
 
-def participant_id(stored: str | None, profile: gr.OAuthProfile | None) -> str:
-    """The Hugging Face user name when logged in, else the id kept in the browser (new if none)."""
-    if profile is not None:
-        return f"hf:{profile.username}"
-    return stored or f"anon:{uuid.uuid4().hex}"
+def participant_id(study: Study, stored: str | None, profile: gr.OAuthProfile | None) -> tuple[str, str | None]:
+    """(participant, token to keep in the browser): the Hugging Face user name when the
+    server received a login, else the participant of the signed token kept in the browser
+    (a new token if there is none, or if it is not one this study signed)."""
+    if isinstance(profile, gr.OAuthProfile) and profile.username:
+        return study.hf_participant(profile.username), stored
+    try:
+        return study.participant(stored), stored
+    except UserError:
+        token = study.new_participant()
+        return study.participant(token), token
 
 
 def task_outputs(study: Study, participant: str) -> tuple:
     """What the page shows for the participant's next task: reference, prompt, images 1 and
-    2, progress, and the task state {id, since}."""
+    2, progress, and the task state {id, participant, since}."""
     shown_ = study.next_task(participant)
     if shown_ is None:
         done = study.progress(participant)
         return (None, "", None, None, f"You have answered all {done} tasks. Thank you!", None)
     return (shown_.reference, shown_.prompt, shown_.image_1, shown_.image_2,
             f"Task {shown_.answered + 1} of {shown_.total} (you have answered {shown_.answered}).",
-            {"id": shown_.task, "since": time.time()})
+            {"id": shown_.task, "participant": participant, "since": time.time()})
 
 
 def create_study(study: Study):
@@ -84,22 +91,24 @@ def create_study(study: Study):
         api_task_id = gr.Textbox(label="task id")
         api_ack = gr.JSON(label="acknowledgement")
         api_report = gr.JSON(label="report")
-        buttons = [gr.Button() for _ in range(3)]
+        api_token = gr.Textbox(label="participant token")
+        buttons = [gr.Button() for _ in range(4)]
 
     def start(stored, profile: gr.OAuthProfile | None):
-        participant = participant_id(stored, profile)
         try:
+            participant, keep = participant_id(study, stored, profile)
             outputs = task_outputs(study, participant)
         except UserError as e:
             raise shown(e) from None
-        keep = stored if profile is not None else participant  # a new anonymous id is kept in the browser
         return (keep, *outputs)
 
     def answer(stored, task, q_ts, q_is, q_all, profile: gr.OAuthProfile | None):
-        participant = participant_id(stored, profile)
         try:
             if task is None:
                 raise UserError("there is no task to answer")
+            participant, _ = participant_id(study, stored, profile)
+            if participant != task.get("participant"):
+                raise UserError("this task was given to another participant; reload the page")
             study.answer(participant, task["id"], [q_ts, q_is, q_all], seconds=time.time() - task["since"])
             outputs = task_outputs(study, participant)
         except UserError as e:
@@ -123,22 +132,28 @@ def create_study(study: Study):
     show.click(admin, [admin_password], [report_text, report_json, export], api_visibility="private",
                concurrency_id="study_report", concurrency_limit=1)
 
+    def study_join():
+        """A new participant token, signed by the server: give it to /study_task and
+        /study_answer for the whole study."""
+        return study.new_participant()
+
     def study_task(participant):
         """The participant's next unanswered task: reference image, prompt, image 1, image 2,
-        task id (empty, with no images, when every task is answered)."""
+        task id (empty, with no images, when every task is answered). The participant id is
+        a token from /study_join; the task id is for this participant only."""
         try:
-            s = study.next_task(participant)
+            s, ticket = study.task_for(participant)
         except UserError as e:
             raise shown(e) from None
         if s is None:
             return None, "All tasks are answered.", None, None, ""
-        return s.reference, s.prompt, s.image_1, s.image_2, s.task
+        return s.reference, s.prompt, s.image_1, s.image_2, ticket
 
     def study_answer(participant, task_id, q_ts, q_is, q_all):
-        """Store three answers ("1", "2" or "cant_decide") to one task; returns the answer id.
-        A task answered again by the same participant keeps its first answer."""
+        """Store three answers ("1", "2" or "cant_decide") to a task /study_task gave this
+        participant; returns the answer id. A task answered again keeps its first answer."""
         try:
-            return study.answer(participant, task_id, [q_ts, q_is, q_all])
+            return study.answer_ticket(participant, task_id, [q_ts, q_is, q_all])
         except UserError as e:
             raise shown(e) from None
 
@@ -157,3 +172,5 @@ def create_study(study: Study):
                      api_name="study_answer", concurrency_id="study", concurrency_limit=16)
     buttons[2].click(study_report, [api_password], [api_report],
                      api_name="study_report", concurrency_id="study_report", concurrency_limit=1)
+    buttons[3].click(study_join, None, [api_token], api_name="study_join", concurrency_id="study",
+                     concurrency_limit=16)

@@ -68,6 +68,9 @@ class Store:
             db.executescript(SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('study_id', ?)", (study_id,))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (secrets.token_urlsafe(24),))
+            # The key that signs participant tokens and task tickets: never sent to a browser
+            # (unlike 'secret', which gradio's BrowserState puts in the page).
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('token_key', ?)", (secrets.token_urlsafe(32),))
             stored = db.execute("SELECT value FROM meta WHERE key = 'study_id'").fetchone()[0]
         if stored != study_id:
             raise UserError(f"study: the answers file {self.path} belongs to another study ({stored}); "
@@ -140,5 +143,16 @@ class Store:
             writer = csv.DictWriter(f, columns, lineterminator="\n")
             writer.writeheader()
             for r in rows:
-                writer.writerow({**r, **extra.get(r["task"], {})})
+                writer.writerow({k: spreadsheet_safe(v) for k, v in {**r, **extra.get(r["task"], {})}.items()})
         return len(rows)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet shows as text: one that begins like a formula (`=`, `+`,
+    `-`, `@`, tab, carriage return) gets a leading apostrophe (OWASP's CSV injection advice)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value

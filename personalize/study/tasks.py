@@ -25,7 +25,9 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
+import threading
 import sys
 import time
 import uuid
@@ -40,6 +42,7 @@ FORMAT = "personalize-study/1"
 TASKS = "tasks.json"
 MEDIA = "media"
 ADMIN_ENV = "PERSONALIZE_ADMIN_PASSWORD"
+SECRET_ENV = "PERSONALIZE_STUDY_SECRET"   # signs participant tokens; else a key kept in the answers file
 QUESTION_TEXT = {
     "ts": "Which image is more consistent with the text prompt?",
     "is": "Which image better represents the original image?",
@@ -158,7 +161,12 @@ def _check_out(out: Path, allow: tuple[str, ...] = ()) -> None:
 
 class _Media:
     """Copies images into STUDY_DIR/media under opaque names (the file name a participant's
-    browser sees must not say which method made the image)."""
+    browser sees must not say which method made the image).
+
+    `add` copies a file once (references); `fresh` makes a new copy for every task
+    occurrence, under a random name and with a random comment in the file, so that neither
+    its name nor its bytes (gradio serves files under a hash of their content) let a bot
+    follow one method's image from task to task; `blank` makes a new grey image per check."""
 
     def __init__(self, folder: Path, salt: str):
         self.folder, self.salt, self.done = folder, salt, {}
@@ -172,12 +180,50 @@ class _Media:
             self.done[src] = f"{MEDIA}/{name}"
         return self.done[src]
 
+    def fresh(self, src: Path) -> str:
+        nonce = secrets.token_hex(10)
+        data, suffix = with_comment(Path(src).read_bytes(), Path(src).suffix.lower(), nonce)
+        (self.folder / (nonce + suffix)).write_bytes(data)
+        return f"{MEDIA}/{nonce}{suffix}"
+
     def blank(self, size: tuple[int, int]) -> str:
+        import io
+
         from PIL import Image
 
-        name = hashlib.sha1(f"{self.salt}:blank".encode()).hexdigest()[:20] + ".png"
-        Image.new("RGB", size, (128, 128, 128)).save(self.folder / name)
-        return f"{MEDIA}/{name}"
+        shade = 120 + secrets.randbelow(17)  # a grey of its own for each check
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (shade, shade, shade)).save(buffer, format="PNG")
+        nonce = secrets.token_hex(10)
+        data, _ = with_comment(buffer.getvalue(), ".png", nonce)
+        (self.folder / f"{nonce}.png").write_bytes(data)
+        return f"{MEDIA}/{nonce}.png"
+
+
+def with_comment(data: bytes, suffix: str, comment: str) -> tuple[bytes, str]:
+    """The image file `data` with `comment` stored in it and the pixels untouched: a PNG
+    tEXt chunk after the header, a JPEG comment segment after the start marker; other
+    formats are re-encoded as PNG. Returns (bytes, suffix)."""
+    import struct
+    import zlib
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = b"Comment\x00" + comment.encode("ascii")
+        chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+        return data[:33] + chunk + data[33:], ".png"   # 8 signature + 25 IHDR bytes
+    if data[:2] == b"\xff\xd8":
+        body = comment.encode("ascii")
+        return data[:2] + b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body + data[2:], suffix
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", comment)
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as im:
+        im.save(out, format="PNG", pnginfo=info)
+    return out.getvalue(), ".png"
 
 
 def _balanced_flips(n: int, rng: random.Random) -> list[bool]:
@@ -239,23 +285,24 @@ def build_study(sweep: str | Path, pairs: list[tuple[str, str]], out: str | Path
                 "kind": "pair", "concept": concept, "prompt": prompt, "text": _shown_prompt(row_a),
                 "seed": seed_, "image": image, "pair": [a, b], "method_1": first, "method_2": second,
                 "reference": media.add(rng.choice(refs[concept])),
-                "image_1": media.add(sweep / rows_[first]["image_path"]),
-                "image_2": media.add(sweep / rows_[second]["image_path"]),
+                "image_1": media.fresh(sweep / rows_[first]["image_path"]),
+                "image_2": media.fresh(sweep / rows_[second]["image_path"]),
             })
     pair_tasks = list(tasks)
     for original in rng.sample(pair_tasks, min(repeats, len(pair_tasks))):
         tasks.append(dict(original, kind="repeat", method_1=original["method_2"], method_2=original["method_1"],
-                          image_1=original["image_2"], image_2=original["image_1"], _original=original))
+                          image_1=media.fresh(out / original["image_2"]),
+                          image_2=media.fresh(out / original["image_1"]), _original=original))
     if attention_checks:
         from PIL import Image
 
         with Image.open(sweep / rows[0]["image_path"]) as im:
-            blank = media.blank(im.size)
+            size = im.size
         for real_first in _balanced_flips(attention_checks, rng)[::-1]:
             base = rng.choice(pair_tasks)
             pool = refs[base["concept"]]
             original, real = rng.sample(pool, 2) if len(pool) > 1 else (pool[0], pool[0])
-            real, side = media.add(real), "1" if real_first else "2"
+            real, side, blank = media.fresh(real), "1" if real_first else "2", media.blank(size)
             tasks.append({
                 "kind": "attention", "concept": base["concept"], "prompt": base["prompt"], "text": base["text"],
                 "seed": base["seed"], "image": base["image"], "pair": None,
@@ -357,14 +404,34 @@ def check_answers(answers) -> dict[str, str]:
     return out
 
 
+ADMIN_MIN_CHARS = 12
+FAILURE_DELAY = 1.0       # seconds a wrong password waits, doubled per failure in a row
+FAILURE_DELAY_MAX = 8.0
+_failures = {"count": 0}
+_failures_lock = threading.Lock()
+
+
 def check_admin(password) -> None:
-    """The report is for the study's owner: the password in PERSONALIZE_ADMIN_PASSWORD,
-    and nobody at all when that is not set."""
+    """The report is for the study's owner: the password in PERSONALIZE_ADMIN_PASSWORD
+    (at least ADMIN_MIN_CHARS characters), and nobody at all when that is not set. A wrong
+    password waits FAILURE_DELAY seconds, doubled for every failure in a row (the report's
+    endpoint runs one at a time, so guesses queue behind it)."""
     expected = os.environ.get(ADMIN_ENV, "")
     if not expected:
         raise UserError(f"study report: closed, no admin password is set on the server ({ADMIN_ENV})")
-    if not isinstance(password, str) or not hmac.compare_digest(password.encode(), expected.encode()):
-        raise UserError("study report: wrong or missing admin password")
+    if len(expected) < ADMIN_MIN_CHARS:
+        raise UserError(f"study report: closed, the admin password set on the server ({ADMIN_ENV}) is shorter "
+                        f"than {ADMIN_MIN_CHARS} characters")
+    given = password.encode("utf-8", "surrogatepass") if isinstance(password, str) else b""
+    if hmac.compare_digest(given, expected.encode("utf-8", "surrogatepass")):
+        with _failures_lock:
+            _failures["count"] = 0
+        return
+    with _failures_lock:
+        _failures["count"] += 1
+        delay = min(FAILURE_DELAY * 2 ** (_failures["count"] - 1), FAILURE_DELAY_MAX)
+    time.sleep(delay)
+    raise UserError("study report: wrong or missing admin password")
 
 
 def served_folders(folder: str | Path) -> list[str]:
@@ -412,8 +479,54 @@ class Study:
         return served_folders(self.folder)
 
     def browser_secret(self) -> str:
-        """A stable key for the participant id kept in the browser (it must survive restarts)."""
+        """A stable key for the participant id kept in the browser (it must survive restarts).
+        Gradio puts it in the page: it hides the id from other sites, it signs nothing."""
         return self.store.meta("secret")
+
+    # -- participants: tokens and tickets signed by the server ---------------------------
+    def _sign(self, *parts: str) -> str:
+        key = (os.environ.get(SECRET_ENV) or self.store.meta("token_key")).encode()
+        return hmac.new(key, "\0".join(parts).encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+    def new_participant(self) -> str:
+        """A new anonymous participant's token, `anon:<id>.<signature>` (what /study_join
+        hands out); the answers are stored under `anon:<id>`."""
+        participant = f"anon:{uuid.uuid4().hex}"
+        return f"{participant}.{self._sign('participant', participant)}"
+
+    def participant(self, token) -> str:
+        """The participant a token names, if this study's key signed it (UserError otherwise).
+        `hf:` ids are never taken from a client: `hf_participant` makes them from a login."""
+        if isinstance(token, str) and token.strip().startswith("hf:"):
+            raise UserError("participant id: hf: ids come only from a Hugging Face login on the study page")
+        if not isinstance(token, str) or not token.strip():
+            raise UserError("participant id: empty; ask /study_join for a participant token and keep it")
+        participant, _, signature = token.strip().rpartition(".")
+        if not (participant.startswith("anon:") and PARTICIPANT.match(participant)
+                and hmac.compare_digest(signature.encode("utf-8", "surrogatepass"),
+                                        self._sign("participant", participant).encode())):
+            raise UserError("participant id: not a token this study handed out; ask /study_join for one")
+        return participant
+
+    def hf_participant(self, username: str) -> str:
+        """The participant of a Hugging Face login (an OAuth profile the server received)."""
+        return check_participant(f"hf:{username}")
+
+    def ticket(self, participant: str, task_id: str) -> str:
+        """The task id a participant is shown: `<task>.<signature>`, so that only the task
+        the server assigned to that participant can be answered by them."""
+        return f"{task_id}.{self._sign('task', participant, task_id)[:16]}"
+
+    def assigned(self, participant: str, ticket) -> str:
+        """The task of a ticket the server gave this participant (UserError otherwise)."""
+        text = ticket.strip() if isinstance(ticket, str) else ticket
+        task_id, _, signature = text.rpartition(".") if isinstance(text, str) else ("", "", "")
+        self.task(task_id or ticket)  # an unknown task is named as such
+        if not task_id or not hmac.compare_digest(signature.encode("utf-8", "surrogatepass"),
+                                                  self.ticket(participant, task_id).rpartition(".")[2].encode()):
+            raise UserError(f"task id: {ticket!r} is not a task this study gave this participant; ask /study_task "
+                            "for one")
+        return task_id
 
     # -- tasks --------------------------------------------------------------------------
     def _rank(self, participant: str) -> dict[str, int]:
@@ -478,6 +591,20 @@ class Study:
         return {"answer_id": answer_id, "stored": new, "task": task["id"], "answers": values,
                 "answered": self.progress(participant), "tasks": self.total,
                 "message": "stored" if new else "already answered: the first answer stands"}
+
+    # -- the web API: tokens and tickets, checked ------------------------------------------
+    def task_for(self, token) -> tuple[Shown | None, str]:
+        """/study_task: the next task of the participant a signed token names, and its ticket."""
+        participant = self.participant(token)
+        shown = self.next_task(participant)
+        return shown, "" if shown is None else self.ticket(participant, shown.task)
+
+    def answer_ticket(self, token, ticket, answers, seconds: float | None = None) -> dict:
+        """/study_answer: store the answer of a signed participant to a task the server
+        assigned to them (its ticket); everything is checked before anything is stored."""
+        participant = self.participant(token)
+        task_id = self.assigned(participant, ticket)
+        return self.answer(participant, task_id, answers, seconds)
 
     # -- results ------------------------------------------------------------------------
     def report(self, *, exclude=(), max_failures: int = 0, resamples: int = 2000, seed: int = 0,
