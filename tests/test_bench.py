@@ -1,4 +1,5 @@
-"""The benchmark on the tiny demo architecture: its JSON, rows, ratios; the SD2 config."""
+"""The benchmark on the tiny demo architecture: its JSON, rows, ratios, the training
+section; the SD2 config."""
 
 import contextlib
 import io
@@ -11,9 +12,11 @@ import torch
 from personalize.evaluation import bench
 from personalize.cli import main
 from personalize.sampling.samplers import SAMPLERS, configure, plan, total_rows
+from personalize.training import METHODS
 
-STEPS, SIZE = 2, 64
-ARGS = ["bench", "--arch", "demo", "--steps", str(STEPS), "--size", str(SIZE), "--repeats", "2", "--warmup", "0"]
+STEPS, SIZE, TRAINING_STEPS = 2, 64, 2
+ARGS = ["bench", "--arch", "demo", "--steps", str(STEPS), "--size", str(SIZE), "--repeats", "2", "--warmup", "0",
+        "--training-steps", str(TRAINING_STEPS)]
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +69,85 @@ def test_ratios_are_computed_from_the_reported_medians(report):
 
 def test_table_names_every_method_and_target(report):
     table = bench.format_report(report)
-    for name in ["diffusers", *SAMPLERS, *report["ratios"]]:
+    for name in ["diffusers", *SAMPLERS, *report["ratios"], "training:", *METHODS]:
         assert name in table
 
 
+def test_training_rows_per_method(report):
+    training = report["training"]
+    assert (training["steps"], training["resolution"], training["reference"]) == (TRAINING_STEPS, SIZE, "svdiff")
+    assert list(training["methods"]) == list(METHODS)
+    for name, row in training["methods"].items():
+        assert row["method"] == name and "error" not in row
+        assert (row["steps"], row["resolution"], row["device"]) == (TRAINING_STEPS, SIZE, "cpu")
+        assert row["seconds_per_step"] > 0 and row["steps_per_s"] == 1 / row["seconds_per_step"]
+        assert row["file_bytes"] > 0 and row["file_mb"] == row["file_bytes"] / 2 ** 20
+        assert 0 <= row["added_memory_mb"] <= row["peak_memory_mb"]
+    files = {name: row["file_bytes"] for name, row in training["methods"].items()}
+    # one embedding row < rank-4 adapters < full attention weights (the ordering of what each method saves)
+    assert files["textual-inversion"] < files["lora"] < files["dreambooth"]
+
+
+def test_training_ratios_are_computed_from_the_rows(report):
+    training = report["training"]
+    rows = training["methods"]
+    ref = rows["svdiff"]
+    concept_row_s = report["samplers"]["concept"]["s_per_row"]
+    assert set(training["ratios"]) == set(METHODS)
+    for name, r in training["ratios"].items():
+        assert r["reference"] == "svdiff"
+        assert r["s_per_step"] == rows[name]["seconds_per_step"] / ref["seconds_per_step"]
+        assert r["file"] == rows[name]["file_bytes"] / ref["file_bytes"]
+        assert r["step_rows"] == rows[name]["seconds_per_step"] / concept_row_s
+    assert training["ratios"]["svdiff"]["s_per_step"] == 1.0
+    assert training["ratios"] == bench.training_ratios(list(rows.values()), report["samplers"]["concept"])
+
+
+def test_training_figures_are_training_benchs(report):
+    """The report's file sizes are what `training_bench` itself measures on the same architecture."""
+    from personalize.models.architectures import ARCHITECTURES, build_pipeline
+    from personalize.training.bench import training_bench
+
+    pipe = build_pipeline(ARCHITECTURES["demo"], device=torch.device("cpu"), dtype=torch.float32)
+    rows = training_bench(pipe, ["lora", "textual-inversion"], TRAINING_STEPS, resolution=SIZE)
+    for row in rows:
+        assert row["file_bytes"] == report["training"]["methods"][row["method"]]["file_bytes"]
+        assert set(row) == set(report["training"]["methods"][row["method"]])
+
+
+def test_training_ratios_reference_and_errors():
+    common = dict(peak_memory_mb=500.0, memory_kind="process peak RSS (sampled)")
+    rows = [dict(method="lora", seconds_per_step=2.0, added_memory_mb=10.0, file_bytes=1000, **common),
+            dict(method="svdiff", error="--method: svdiff does not apply to SD-XL models"),
+            dict(method="dreambooth", seconds_per_step=3.0, added_memory_mb=0.0, file_bytes=4000, **common)]
+    ratios = bench.training_ratios(rows, {"s_per_row": 0.5})
+    assert list(ratios) == ["lora", "dreambooth"]     # svdiff did not run: lora, the first measured, is the reference
+    assert ratios["dreambooth"] == {"reference": "lora", "s_per_step": 1.5, "added_memory": 0.0, "file": 4.0,
+                                    "step_rows": 6.0}
+    assert bench.training_ratios(rows[2:] + rows[:1])["lora"]["added_memory"] is None   # over a zero reference
+    assert bench.training_ratios([rows[1]]) == {}
+    table = bench.format_training({"steps": 3, "resolution": 64, "reference": "svdiff",
+                                   "methods": {r["method"]: r for r in rows}, "ratios": ratios})
+    assert "ratio of lora's" in table[0] and "does not apply" in table[3]
+    assert table[2].split() == ["lora", "2.000", "500", "10.0", "1000", "B", "1.00", "1.00", "1.00", "4.0"]
+    assert table[4].split() == ["dreambooth", "3.000", "500", "0.0", "3.9", "KB", "1.50", "0.00", "4.00", "6.0"]
+    assert (bench.file_size(512), bench.file_size(1536), bench.file_size(3 * 2 ** 30)) == ("512 B", "1.5 KB",
+                                                                                          "3.00 GB")
+
+
+def test_no_training_skips_the_section(capsys):
+    args = ["bench", "--arch", "demo", "--steps", "1", "--size", str(SIZE), "--repeats", "1", "--warmup", "0",
+            "--samplers", "concept", "--no-training", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "training" not in report and list(report["samplers"]) == ["concept"]
+
+
 @pytest.mark.parametrize("extra,message", [
+    (["--training-steps", "1"], "--training-steps: 1 must be at least 2"),
+    (["--training-methods", "svdiff,hypernetwork"], "--training-methods: 'hypernetwork' is not one of"),
+    (["--training-methods", ","], "--training-methods: ',' names no method"),
+    (["--size", "72"], "--size: 72 is not a training resolution"),
     (["--model", "x"], "not both"),
     (["--size", "100"], "--size: 100 must be a positive multiple of 8"),
     (["--samplers", "concept,nope"], "--samplers: 'nope' is not a sampler"),

@@ -1,4 +1,5 @@
-"""`personalize bench`: time diffusers' own pipeline and every sampler side by side."""
+"""`personalize bench`: time diffusers' own pipeline and every sampler side by side, then
+every training method (seconds per step, memory, file size; `--no-training` skips it)."""
 
 from __future__ import annotations
 
@@ -25,19 +26,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samplers", default=None, help="comma-separated subset (default: all eight)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--training-methods", default=None,
+                        help="comma-separated training methods to time (default: all four)")
+    parser.add_argument("--training-steps", type=int, default=3,
+                        help="optimizer steps per training method; the first is warm-up (default 3)")
+    parser.add_argument("--no-training", action="store_true", help="skip the training section")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def command(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download, ever
     names = check_args(args)
+    training = check_training_args(args)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
     pipe, model = load(args)
     report = run_bench(pipe, model=model, names=names, device=args.device, dtype=args.dtype, steps=args.steps,
                        size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                       progress=progress_line)
+                       progress=progress_line, training_methods=training, training_steps=args.training_steps)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -64,6 +71,26 @@ def check_args(args) -> list[str]:
         raise UserError(f"--samplers: {unknown[0] if unknown else args.samplers!r} is not a sampler; "
                         f"accepted: {', '.join(SAMPLERS)}")
     return list(dict.fromkeys(names))
+
+
+def check_training_args(args) -> list[str]:
+    """The training methods to time (empty with --no-training)."""
+    from personalize.training.recipes import METHODS, recipe
+
+    if args.no_training:
+        return []
+    if args.training_steps < 2:
+        raise UserError(f"--training-steps: {args.training_steps} must be at least 2 (the first step is warm-up)")
+    if args.training_methods is None:
+        return list(METHODS)
+    names = [n.strip() for n in args.training_methods.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"--training-methods: {args.training_methods!r} names no method; accepted: "
+                        f"{', '.join(METHODS)}")
+    try:
+        return list(dict.fromkeys(recipe(n).method for n in names))
+    except UserError as e:
+        raise UserError(str(e).replace("--method", "--training-methods")) from None
 
 
 def load(args):

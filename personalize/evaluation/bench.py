@@ -6,7 +6,10 @@ rounds, several measured rounds follow and the median counts. Methods run interl
 (one of each per round), so a slower spell of a shared machine hits all of them alike.
 Reported per method: seconds per image, denoiser batch rows, seconds per row and peak
 memory (process RSS on the CPU, max allocated on CUDA), and the ratios of medians
-against the targets in `TARGETS`.
+against the targets in `TARGETS`. Then, unless skipped, every training method on the
+same pipeline (`personalize.training.bench.training_bench`): seconds per optimizer step,
+peak and added memory, the size of the files written, and each as a ratio of SVDiff's
+(the study's method), with one step's time in denoiser rows of sampling.
 
 Heavy packages (torch, diffusers) are imported inside functions: the command line
 imports this module to build its parser.
@@ -29,6 +32,7 @@ DIFFUSERS = "diffusers"           # the baseline's name in reports
 TEMPLATE = "a photo of a {} on the beach"
 S_PER_ROW_TOLERANCE = 0.10        # every sampler's seconds per row within 10% of concept's
 ARCH_CHOICES = ("mid", "sd2", "demo")
+TRAINING_REFERENCE = "svdiff"     # training costs are also given as ratios of this method's
 GPU_COMMAND = "python -m personalize bench --arch sd2 --device cuda --dtype float16 --size 512 --steps 50"
 
 
@@ -60,12 +64,17 @@ TARGETS = (
 # -- measuring ----------------------------------------------------------------------------
 
 def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype: str = "float32", steps: int = 10,
-              size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0, progress=None) -> dict:
-    """Time diffusers' pipeline and the samplers `names` on `pipe`; returns the report
-    (the `--json` object)."""
+              size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0, progress=None,
+              training_methods=None, training_steps: int = 3) -> dict:
+    """Time diffusers' pipeline and the samplers `names` on `pipe`, then the training
+    methods `training_methods` (None: every one; empty: none) for `training_steps` steps
+    at the same size; returns the report (the `--json` object)."""
     from personalize.sampling.backbones import default_size
 
     size = size or default_size(pipe)[0]
+    train = training_methods is None or len(training_methods) > 0
+    if train:
+        check_training_size(pipe, size)   # before minutes of sampling, not after
     jobs, configs = make_jobs(pipe, names, steps=steps, size=size, seed=seed)
     load_start = load_average()
     runs: dict[str, list] = {name: [] for name in jobs}
@@ -83,9 +92,63 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
     report = {"device": device, "model": model, "steps": steps, "size": size, "dtype": dtype,
               "repeats": repeats, "warmup": warmup, "seed": seed,
               "diffusers_concept_s": results[DIFFUSERS]["s"], DIFFUSERS: results.pop(DIFFUSERS),
-              "samplers": results, "machine": dict(machine(device), load_start=load_start, load_end=load_average())}
+              "samplers": results, "machine": dict(machine(device), load_start=load_start)}
     report["ratios"] = ratios(report)
+    if train:
+        if progress is not None:
+            progress(f"training: {training_steps} steps per method")
+        report["training"] = run_training_bench(pipe, methods=training_methods, steps=training_steps,
+                                                resolution=size, seed=seed,
+                                                reference=report["samplers"].get("concept"))
+    report["machine"]["load_end"] = load_average()
     return report
+
+
+def check_training_size(pipe, size: int) -> None:
+    from personalize.training.loop import check_resolution
+
+    try:
+        check_resolution(pipe, size)
+    except UserError as e:
+        raise UserError(f"--size: {size} is not a training resolution of this model "
+                        f"({str(e).split(': ', 1)[1]}); change --size or pass --no-training") from None
+
+
+def run_training_bench(pipe, *, methods=None, steps: int = 3, resolution: int | None = None, seed: int = 0,
+                       reference: dict | None = None) -> dict:
+    """`training_bench` on `pipe` for `methods` (None: every method), one after another in
+    this process, with `training_ratios`; `reference` is the concept sampler's entry of the
+    same run (for a step's cost in denoiser rows)."""
+    from personalize.training.bench import training_bench
+    from personalize.training.recipes import METHODS
+
+    rows = training_bench(pipe, list(methods) if methods is not None else METHODS, steps, resolution=resolution,
+                          seed=seed)
+    return {"steps": steps, "resolution": resolution, "reference": TRAINING_REFERENCE,
+            "methods": {row["method"]: row for row in rows}, "ratios": training_ratios(rows, reference)}
+
+
+def training_ratios(rows: list[dict], concept: dict | None = None) -> dict:
+    """{method: ratios} from the rows of `training_bench`: seconds per step, added memory
+    and file size over the reference method's (`TRAINING_REFERENCE`, or the first method
+    measured when it was not), and `step_rows`, one step's seconds over the concept
+    sampler's seconds per denoiser row (with `concept`, its bench entry)."""
+    measured = [r for r in rows if "error" not in r]
+    if not measured:
+        return {}
+    ref = next((r for r in measured if r["method"] == TRAINING_REFERENCE), measured[0])
+
+    def ratio(a, b):
+        return a / b if b else None
+    out = {}
+    for r in measured:
+        entry = {"reference": ref["method"], "s_per_step": r["seconds_per_step"] / ref["seconds_per_step"],
+                 "added_memory": ratio(r["added_memory_mb"], ref["added_memory_mb"]),
+                 "file": ratio(r["file_bytes"], ref["file_bytes"])}
+        if concept is not None:
+            entry["step_rows"] = r["seconds_per_step"] / concept["s_per_row"]
+        out[r["method"]] = entry
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,7 +211,8 @@ def measure(job, device: str) -> Measurement:
 
 
 class PeakMemory:
-    """Context manager: `peak` is the most memory in use while its block ran, in bytes.
+    """Context manager: `peak` is the most memory in use while its block ran, in bytes,
+    and `start` the memory in use when it began.
 
     CUDA: torch's max allocated. Otherwise the process's resident set size, read by a
     thread every few milliseconds (no dependency needed on Linux)."""
@@ -157,7 +221,7 @@ class PeakMemory:
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.peak = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
         self._thread = None
 
@@ -167,9 +231,10 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
             return self
         release_free_memory()
-        self.peak = rss_bytes()
+        self.peak = self.start = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -289,9 +354,44 @@ def format_report(report: dict) -> str:
     for name, r in report["ratios"].items():
         target = f"{r['min']:.2f}..{r['max']:.2f}" if "min" in r else f"<= {r['max']:.2f}"
         lines.append(f"{name:<34} {r['value']:>6.3f}  {target:<11} {'met' if r['met'] else 'MISSED'}")
+    if "training" in report:
+        lines += ["", *format_training(report["training"])]
     m = report["machine"]
     lines += ["", f"machine: {m.get('gpu', m['cpu'])}; {m['cores']} CPU cores ({m['torch_threads']} torch threads); "
               f"torch {m['torch']}, diffusers {m['diffusers']}"]
     if m.get("load_start") is not None:
         lines.append(f"load average (1 min): {m['load_start']:.2f} at the start, {m['load_end']:.2f} at the end")
     return "\n".join(lines)
+
+
+def format_training(training: dict) -> list[str]:
+    """The training section of the table: one line per method, its figures then its ratios."""
+    def fmt(value, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    ran = [row for row in training["methods"].values() if "error" not in row]
+    reference = training["ratios"][ran[0]["method"]]["reference"] if ran else training["reference"]
+    lines = [f"training: {training['steps']} steps per method at {training['resolution']}x{training['resolution']} "
+             f"(first step warm-up); x = ratio of {reference}'s, rows = one step in concept denoiser rows",
+             f"{'method':<18} {'s/step':>7} {'peak MB':>8} {'added MB':>9} {'file':>8} "
+             f"{'x s/step':>9} {'x added':>8} {'x file':>8} {'rows':>6}"]
+    for name, row in training["methods"].items():
+        if "error" in row:
+            lines.append(f"{name:<18} {row['error']}")
+            continue
+        r = training["ratios"][name]
+        lines.append(f"{name:<18} {row['seconds_per_step']:>7.3f} {row['peak_memory_mb']:>8.0f} "
+                     f"{row['added_memory_mb']:>9.1f} {file_size(row['file_bytes']):>8} {r['s_per_step']:>9.2f} "
+                     f"{fmt(r['added_memory'], 8, 2)} {fmt(r['file'], 8, 2)} {fmt(r.get('step_rows'), 6, 1)}")
+    if ran:
+        lines.append(f"memory: {ran[0]['memory_kind']}")
+    return lines
+
+
+def file_size(n: int) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (B, KB, MB, GB)."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"

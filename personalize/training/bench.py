@@ -1,12 +1,12 @@
-"""Training cost per method: seconds per optimizer step and peak memory, on the pipeline
-given (for `personalize bench`)."""
+"""Training cost per method: seconds per optimizer step, peak memory and the size of the
+files written, on the pipeline given (for `personalize bench`)."""
 
 from __future__ import annotations
 
-import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,9 +26,14 @@ def bench_images(n: int = 3, size: int = 96) -> list:
 def training_bench(pipe, methods=METHODS, steps: int = 3, *, resolution: int | None = None,
                    gradient_checkpointing: bool = False, seed: int = 0) -> list[dict]:
     """One short run per method; the first step (warm-up) is not timed. Each row: method,
-    seconds_per_step (median), steps_per_s, peak_memory_mb (CUDA: peak allocated during the
-    run; CPU: the process's peak resident set so far, which only ever grows), memory_kind,
-    device, resolution, steps."""
+    seconds_per_step (median), steps_per_s, peak_memory_mb (the most memory in use during
+    that method's run: CUDA: peak allocated; CPU: the process's resident set, sampled),
+    added_memory_mb (that peak less the memory in use when the run began: the copies,
+    optimizer state and activations the method adds to the loaded model), memory_kind,
+    file_bytes and file_mb (the concept files written, without references and checkpoints), device,
+    resolution, steps. A method that does not apply to the model gives a row with `error`
+    instead."""
+    from ..evaluation.bench import PeakMemory
     from .loop import check_applies, check_resolution, family, train_concept
 
     if isinstance(methods, str):
@@ -46,25 +51,30 @@ def training_bench(pipe, methods=METHODS, steps: int = 3, *, resolution: int | N
             continue
         phrase = "<sks>" if method == "textual-inversion" else "sks thing"
         times = []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        cuda = device.type == "cuda"
 
         def tick(info):
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter())
 
-        with tempfile.TemporaryDirectory(prefix="personalize-train-bench-") as tmp:
-            train_concept(pipe, bench_images(), phrase=phrase, superclass="thing", method=method, out=f"{tmp}/c",
-                          steps=steps, resolution=res, seed=seed, progress=tick,
-                          gradient_checkpointing=gradient_checkpointing, references=[])
+        with tempfile.TemporaryDirectory(prefix="personalize-train-bench-") as tmp, PeakMemory(cuda) as memory:
+            summary = train_concept(pipe, bench_images(), phrase=phrase, superclass="thing", method=method,
+                                    out=f"{tmp}/c", steps=steps, resolution=res, seed=seed, progress=tick,
+                                    gradient_checkpointing=gradient_checkpointing, references=[])
+            file_bytes = sum(files_size(Path(tmp, "c", name)) for name in summary["files"])
         per_step = statistics.median(b - a for a, b in zip(times, times[1:]))
-        if device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda peak allocated"
-        else:
-            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
         rows.append(dict(method=method, seconds_per_step=per_step, steps_per_s=1 / per_step,
-                         peak_memory_mb=round(peak, 1), memory_kind=kind, device=str(device), resolution=res,
-                         steps=steps, gradient_checkpointing=gradient_checkpointing))
+                         peak_memory_mb=round(memory.peak / 2 ** 20, 1),
+                         added_memory_mb=round((memory.peak - memory.start) / 2 ** 20, 1),
+                         memory_kind="cuda peak allocated" if cuda else "process peak RSS (sampled)",
+                         file_bytes=file_bytes, file_mb=file_bytes / 2 ** 20, device=str(device), resolution=res, steps=steps,
+                         gradient_checkpointing=gradient_checkpointing))
     return rows
+
+
+def files_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
