@@ -4,6 +4,7 @@ metric models (offline here: seeded random weights, labelled)."""
 import math
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
@@ -135,17 +136,28 @@ def world_metric(tmp_path_factory):
 
 
 def test_world_metric_model_loads_through_the_metrics_code(world_metric):
-    from personalize.world.check import MetricModel
+    """The metrics code's folder loader against open_clip's own `local-dir:` loader with
+    the preprocessing written out (the world is 64 px: no resize, no crop)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     models = load_metric_models(MetricSettings(clip=str(world_metric), dino="none"))
     assert not models.random_weights and "open_clip folder" in models.describe() and "dino=none" in models.describe()
     resize, crop = models.clip_pre.transforms[:2]
     assert (resize.size, crop.size) == (64, (64, 64))          # the world's 64 px, not 224
     images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 200, 30))]
-    ours, world = models.clip_images(images), MetricModel(world_metric).images(images)
-    assert ours.shape == (2, 64) and torch.allclose(ours, world, atol=1e-5)  # same model, same preprocessing
-    texts = ["a in the snow", "a red star"]
-    assert torch.allclose(models.clip_texts(texts), MetricModel(world_metric).texts(texts), atol=1e-5)
+    reference = open_clip.create_model(f"local-dir:{world_metric}").eval()
+    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255 for im in images])
+    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(reference.encode_image(x), dim=-1)
+        texts = ["a in the snow", "a red star"]
+        their_texts = torch.nn.functional.normalize(
+            reference.encode_text(open_clip.get_tokenizer("ViT-B-32")(texts)), dim=-1)
+    ours = models.clip_images(images)
+    assert ours.shape == (2, 64) and torch.allclose(ours, theirs, atol=1e-4)
+    assert not torch.allclose(ours[0], ours[1], atol=1e-3)     # the two colours embed apart
+    assert torch.allclose(models.clip_texts(texts), their_texts, atol=1e-5)
 
 
 def test_clip_folder_without_config_is_refused(tmp_path):

@@ -115,15 +115,9 @@ def test_svdiff_saved_deltas_are_the_trained_ones(svdiff_run):
     assert any(v.abs().max() > 0 for v in unet.values())
 
 
-def _loader_is_residual() -> bool:
-    w = torch.randn(8, 5)
-    return torch.equal(loader_spectral_weight(w, torch.zeros(5)), w)
-
-
 def test_svdiff_loaded_with_apply_concept_equals_the_trained_model(pipe, svdiff_run):
-    """apply_concept on the folder gives the trained weights (the loader's full SVD
-    reconstruction differs from the trainer's residual form by float rounding only) and
-    remove() restores the base model bitwise."""
+    """apply_concept on the folder gives the trained weights exactly (loader and trainer
+    both use the residual form) and remove() restores the base model bitwise."""
     models = svdiff_run["models"]
     concept = apply_concept(pipe, svdiff_run["out"])
     try:
@@ -133,8 +127,7 @@ def test_svdiff_loaded_with_apply_concept_equals_the_trained_model(pipe, svdiff_
             for name, module in svdiff.shifted_modules(getattr(models, component)):
                 trained = svdiff.shifted_weight(module).detach()
                 got = loaded[name].weight.detach()
-                tol = 0 if _loader_is_residual() else 2e-5 * trained.abs().max().item() + 1e-7
-                assert (got - trained).abs().max().item() <= tol, name
+                assert torch.equal(got, trained), name
     finally:
         concept.remove()
     assert same_as(pipe, svdiff_run["before"])
@@ -200,3 +193,18 @@ def test_prior_preservation_runs_and_leaves_the_pipeline(pipe, tmp_path):
                             class_images=2, class_image_steps=2)
     assert summary["prior_preservation"] and summary["class_images"] == 2
     assert same_as(pipe, before)
+
+
+def test_loader_spectral_weight_is_the_papers_formula():
+    """The residual form equals U diag(relu(S + delta)) Vh (arXiv 2303.11305, eq. 1); a
+    negative control: a shift that relu clips (delta < -S) zeroes that direction."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    u, s, vh = torch.linalg.svd(w.reshape(6, -1), full_matrices=False)
+    delta = torch.randn(6) * 0.3
+    delta[0] = -s[0] - 1.0
+    paper = ((u * torch.relu(s + delta)) @ vh).reshape(w.shape)
+    got = loader_spectral_weight(w, delta)
+    assert torch.allclose(got, paper, atol=1e-5)
+    assert not torch.allclose(got, w, atol=1e-3)
+    assert torch.equal(loader_spectral_weight(w, torch.zeros(6)), w)

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from personalize.errors import UserError
 from personalize.world import build, check
@@ -72,9 +73,9 @@ def test_concepts_load_and_change_the_model(quick_world):
 
 def test_metric_model_embeds_images_and_texts(quick_world):
     out, _ = quick_world
-    metric = check.MetricModel(out / "metric")
-    images = metric.images([np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)])
-    texts = metric.texts(["a photo of a red ball", "a photo of a blue box in the snow"])
+    metric = check.load_world_metric(out)
+    images = metric.clip_images([Image.new("RGB", (64, 64), 0), Image.new("RGB", (64, 64), (200, 200, 200))])
+    texts = metric.clip_texts(["a photo of a red ball", "a photo of a blue box in the snow"])
     assert images.shape == (2, 64) and texts.shape == (2, 64)
     assert torch.allclose(images.norm(dim=-1), torch.ones(2), atol=1e-5)
 

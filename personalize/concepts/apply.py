@@ -63,9 +63,11 @@ class AppliedConcept:
     _undo: list[Undo] = field(default_factory=list, repr=False)
 
     def remove(self) -> None:
-        """Restore the base model bitwise; calling it again does nothing."""
+        """Restore the base model bitwise; calling it again does nothing. A step is
+        dropped only once it has run, so a failed removal can be retried."""
         while self._undo:
-            self._undo.pop()()
+            self._undo[-1]()
+            self._undo.pop()
         if _ACTIVE.get(self._pipe) is self:
             del _ACTIVE[self._pipe]
 
@@ -321,14 +323,21 @@ def _state_triples(model, weights: dict[str, torch.Tensor], file: Path) -> list:
 # -- SVDiff ---------------------------------------------------------------------------
 
 def spectral_weight(weight: torch.Tensor, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """SVDiff's weight (Han et al. 2023): W' = U diag(relu(S + scale * delta)) V^T
-    from the SVD of the base weight W. As in svdiff-pytorch, a conv kernel is a matrix
+    """SVDiff's weight (Han et al. 2023, arXiv 2303.11305): U diag(relu(S + scale * delta)) V^T
+    from the SVD of the base weight W, computed in the residual form
+    W + U diag(relu(S + scale * delta) - S) V^T, which is the same matrix but leaves W
+    bitwise unchanged where delta is zero. As in svdiff-pytorch, a conv kernel is a matrix
     (out, in * kh * kw), and a 1-D weight (norms) is one row (1, C)."""
     w = weight.detach().float()
     matrix = w.reshape(1, -1) if w.ndim == 1 else w.reshape(w.shape[0], -1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    shifted = F.relu(s + scale * delta.to(device=s.device, dtype=s.dtype))
-    return ((u * shifted) @ vh).reshape(weight.shape).to(weight.dtype)
+    return spectral_shift(weight, u, s, vh, delta.to(device=s.device, dtype=s.dtype), scale)
+
+
+def spectral_shift(weight: torch.Tensor, u, s, vh, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """W + U diag(relu(S + scale * delta) - S) Vh, reshaped like W, given W's SVD."""
+    shift = (u * (F.relu(s + scale * delta) - s)) @ vh
+    return weight + shift.reshape(weight.shape).to(weight.dtype)
 
 
 def spectral_size(weight: torch.Tensor) -> int:

@@ -186,7 +186,7 @@ def _fuse(model, scheduler, step, i: int, t, latents, conds, generators, n: int,
         hooks.begin(i, None, latents.shape[0])
         e = dict(zip(fusion.rows, _predict(model, scheduler, t, latents, fusion.rows, conds)))
         rows += len(fusion.rows) * latents.shape[0]
-        e_tilde = _combine(e, fusion.weights)
+        e_tilde = guidance.epsilon(_combine(e, fusion.weights), latents, a_t, scheduler.config.prediction_type)
         z = torch.cat([randn_tensor(shape, generator=g, device=latents.device, dtype=latents.dtype)
                        for g in generators])
         latents = guidance.fusion_update(latents, e_tilde, z, sigma, a_t, a_p)

@@ -181,8 +181,8 @@ def check_profusion_scheduler(scheduler) -> None:
     if not isinstance(scheduler, DDIMScheduler):
         raise UserError(f"ProFusion runs on DDIM only, and this model's scheduler is "
                         f"{type(scheduler).__name__}; use --scheduler ddim")
-    if scheduler.config.prediction_type != "epsilon":
-        raise UserError(f"ProFusion needs an epsilon-prediction model, this one predicts "
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"ProFusion needs an epsilon- or v-prediction model, this one predicts "
                         f"{scheduler.config.prediction_type!r}")
 
 
@@ -205,7 +205,7 @@ def fuse(model: Backbone, scheduler, step: Step, i: int, t, latents, conds, gene
         hooks.begin(i, None, latents.shape[0])
         e = dict(zip(fusion.rows, predict(model, scheduler, t, latents, fusion.rows, conds)))
         rows += len(fusion.rows) * latents.shape[0]
-        e_tilde = combine(e, fusion.weights)
+        e_tilde = guidance.epsilon(combine(e, fusion.weights), latents, a_t, scheduler.config.prediction_type)
         z = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         latents = guidance.fusion_update(latents, e_tilde, z, sigma, a_t, a_p)
     return latents, rows

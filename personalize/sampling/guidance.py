@@ -57,6 +57,19 @@ def fusion_sigma(a_t: float, a_p: float, r: float) -> float:
     return r * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
 
 
+def epsilon(prediction: torch.Tensor, x_t: torch.Tensor, a_t: float, prediction_type: str) -> torch.Tensor:
+    """The noise a denoiser's output stands for. A v prediction (Salimans & Ho,
+    arXiv:2202.00512, eq. 2ff.: v = sqrt(a_t) eps - sqrt(1 - a_t) x_0) gives
+    eps = sqrt(a_t) v + sqrt(1 - a_t) x_t; an epsilon prediction is itself. The map is
+    affine in the prediction with weights that sum to one over a guidance rule's terms,
+    so guiding v and converting equals converting and guiding eps."""
+    if prediction_type == "epsilon":
+        return prediction
+    if prediction_type == "v_prediction":
+        return math.sqrt(a_t) * prediction + math.sqrt(1 - a_t) * x_t
+    raise ValueError(f"no epsilon from a {prediction_type!r} prediction")
+
+
 def fusion_update(x_t: torch.Tensor, e_tilde: torch.Tensor, z: torch.Tensor,
                   sigma: float, a_t: float, a_p: float) -> torch.Tensor:
     """ProFusion's fusion step at one timestep (an ancestral step to t-1, re-noised to t):

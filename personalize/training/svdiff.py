@@ -21,21 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..concepts.apply import spectral_shift, spectral_weight
+
 SHIFTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 UNET_FILE = "spectral_shifts.safetensors"
 TEXT_FILE = "spectral_shifts_te.safetensors"
-
-
-def spectral_shift(weight: torch.Tensor, u, s, vh, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """W + U diag(relu(S + scale * delta) - S) Vh, reshaped like W (the residual form)."""
-    shift = (u * (F.relu(s + scale * delta) - s)) @ vh
-    return weight + shift.reshape(weight.shape).to(weight.dtype)
-
-
-def spectral_weight(weight: torch.Tensor, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The shifted weight from the base weight alone (the SVD computed here)."""
-    u, s, vh = _svd(weight)
-    return spectral_shift(weight, u, s, vh, delta.to(s), scale)
 
 
 def _svd(weight: torch.Tensor):

@@ -34,14 +34,14 @@ class BuildSize:
     images: int = 40_000             # renders behind the autoencoder and the denoiser
     vae_steps: int = 1_000
     vae_batch: int = 16
-    vae_minutes: float = 8.0         # wall-clock caps: a build fits its hour on a slower machine too
-    denoiser_steps: int = 6_000
-    denoiser_batch: int = 64
-    denoiser_minutes: float = 30.0
+    vae_minutes: float = 6.0         # wall-clock caps: a build fits its hour on a slower machine too
+    denoiser_steps: int = 8_000
+    denoiser_batch: int = 32         # in a fixed time, more small steps beat fewer large ones
+    denoiser_minutes: float = 38.0
     metric_steps: int = 900
     metric_batch: int = 128
-    metric_minutes: float = 8.0
-    concept_steps: int = 800
+    metric_minutes: float = 6.0
+    concept_steps: int = 600
     concept_class_images: int = 40
 
 
@@ -146,6 +146,21 @@ class EMA:
             p.copy_(s)
 
 
+MIN_SNR_GAMMA = 5.0
+
+
+def min_snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Loss weight that caps the weight a timestep's x0 error gets, in the spirit of
+    Min-SNR-gamma (arXiv:2303.09556): an epsilon loss weighs x0 errors by SNR and is
+    weighted min(SNR, gamma) / SNR; a v loss weighs them by SNR + 1 and is weighted
+    (min(SNR, gamma) + 1) / (SNR + 1). Nearly clean timesteps, whose loss would dominate,
+    are weighted down; the noisy ones, where the prompt decides the layout, keep weight 1
+    (the paper's v weight, min(SNR, gamma) / (SNR + 1), would all but drop them)."""
+    if prediction_type == "v_prediction":
+        return (snr.clamp(max=gamma) + 1) / (snr + 1)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str], tokenizer,
                    size: BuildSize, seed: int, *, start_from=None, peak_lr: float = 1e-3):
     """UNet and text encoder trained together on eps-prediction, empty captions included
@@ -157,6 +172,9 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
     text_encoder.train().requires_grad_(True)
     noise_scheduler = models.ddpm_scheduler()
     ids = tokenize(tokenizer, captions)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    kind = noise_scheduler.config.prediction_type
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], decay=EMA_DECAY)
@@ -175,7 +193,8 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
         zt = noise_scheduler.add_noise(z0, noise, t)
         cond = text_encoder(ids[idx])[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise_scheduler.get_velocity(z0, noise, t) if kind == "v_prediction" else noise
+        loss = (min_snr_weight(snr[t], kind) * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -346,6 +365,7 @@ def train_concepts(folder: Path, size: BuildSize, seed: int, log=_log) -> dict:
             pipe, images, phrase=concept["phrase"], superclass=concept["superclass"], method="svdiff",
             out=out, steps=size.concept_steps, seed=seed + i, overwrite=True,
             prior_preservation=size.concept_class_images > 0, class_images=size.concept_class_images,
+            base_model="../..",  # the world folder that holds the concept, wherever it is copied
             progress=_every(100, lambda p, n=name: log(f"concept {n} step {p['step']}/{p['steps']} loss {p['loss']:.4f}")))
         results[name] = {k: summary[k] for k in ("method", "steps", "seconds", "final_loss") if k in summary}
     return results

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import UserError
 from . import judge as J
@@ -77,42 +78,29 @@ def load_world_pipeline(folder: Path):
     return pipe
 
 
-class MetricModel:
-    """The world's CLIP: image and text embeddings, L2-normalised."""
+def load_world_metric(folder: Path):
+    """The world's CLIP through the metrics code's own loader (its `clip: FOLDER` setting)."""
+    from ..evaluation.metrics import MetricSettings, load_metric_models
 
-    def __init__(self, folder: Path):
-        import open_clip
+    return load_metric_models(MetricSettings(clip=str(folder / "metric"), dino="none", allow_random=False))
 
-        self.model = open_clip.create_model(f"local-dir:{folder}").eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
-        cfg = json.loads((folder / "open_clip_config.json").read_text())["preprocess_cfg"]
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
 
-    @torch.inference_mode()
-    def images(self, images) -> torch.Tensor:
-        arr = np.stack([np.asarray(im.convert("RGB").resize((64, 64))) if hasattr(im, "convert") else im
-                        for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
-        return torch.nn.functional.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
-
-    @torch.inference_mode()
-    def texts(self, texts) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(texts))), dim=-1)
+def _pil(images) -> list:
+    return [im if hasattr(im, "convert") else Image.fromarray(np.asarray(im)) for im in images]
 
 
 # ---------------------------------------------------------------------------- the figures
 
-def metric_zero_shot(metric: MetricModel, n: int, seed: int) -> list[Figure]:
+def metric_zero_shot(metric, n: int, seed: int) -> list[Figure]:
     """Zero-shot over every fully specified caption: is the best caption's colour, class
     and context the image's?"""
     from .build import all_captions
 
     captions, labels = all_captions()
-    text = metric.texts(captions)
+    text = metric.clip_texts(captions)
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
-    best = (metric.images(list(render_batch(scenes))) @ text.T).argmax(1).tolist()
+    best = (metric.clip_images(_pil(render_batch(scenes))) @ text.T).argmax(1).tolist()
     hits = np.array([[labels[b][0] == s.cls, labels[b][1] == s.colour, labels[b][2] == s.context]
                      for b, s in zip(best, scenes)])
     return [Figure("metric model: zero-shot colour", hits[:, 1].mean(), ">= 0.95", n),
@@ -167,7 +155,7 @@ def concept_samplers(pipe, name: str, images: int, templates) -> list[Figure]:
     return figures
 
 
-def mixed_sweep(pipe, metric: MetricModel, names, images: int, templates) -> tuple[list[Figure], list[dict]]:
+def mixed_sweep(pipe, metric, names, images: int, templates) -> tuple[list[Figure], list[dict]]:
     """w_s = 0..7 with w_c = 7 - w_s: mean TS and context fidelity rise, mean IS and
     concept fidelity fall (Spearman over the eight points)."""
     from scipy.stats import spearmanr
@@ -179,12 +167,12 @@ def mixed_sweep(pipe, metric: MetricModel, names, images: int, templates) -> tup
         is_, ts, verdicts = [], [], []
         for name in names:
             concept = CONCEPTS[name]
-            refs = metric.images([render(s) for s in reference_scenes(name, n=5, seed=0)])
+            refs = metric.clip_images(_pil([render(s) for s in reference_scenes(name, n=5, seed=0)]))
             for k, template in enumerate(templates):
                 ims = sample(pipe[name], template, concept, "mixed", {"w_s": float(w_s), "w_c": float(7 - w_s)}, images, k)
-                emb = metric.images(ims)
+                emb = metric.clip_images(_pil(ims))
                 is_ += (emb @ refs.T).mean(1).tolist()
-                ts += (emb @ metric.texts([remove_concept(template)]).T)[:, 0].tolist()
+                ts += (emb @ metric.clip_texts([remove_concept(template)]).T)[:, 0].tolist()
                 verdicts += [J.judge(im, fill(template, concept["phrase"])) for im in ims]
         fid = J.fidelity(verdicts)
         points.append({"w_s": w_s, "w_c": 7 - w_s, "is": float(np.mean(is_)), "ts": float(np.mean(ts)),
@@ -209,7 +197,7 @@ def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=
 
     folder = check_world_folder(folder)
     start = time.time()
-    metric = MetricModel(folder / "metric")
+    metric = load_world_metric(folder)
     figures = metric_zero_shot(metric, 60 if quick else 600, seed)
     log(f"metric model done ({time.time() - start:.0f} s)")
     base = load_world_pipeline(folder)
