@@ -3,7 +3,8 @@
 Runs on the shipped world (or `$PERSONALIZE_WORLD`) when there is one, else on the
 offline demo model. On the world a slider change must show its image and chart point
 within 2 s (a bound for a broken page, not the performance figure: see
-personalize/runs/latency.py); elsewhere within `$PERSONALIZE_LIVE_BOUND` seconds (60).
+personalize/runs/latency.py), on the demo model within 60 s; `$PERSONALIZE_LIVE_BOUND`
+sets another bound (a machine busy with other work).
 """
 
 import os
@@ -60,6 +61,8 @@ def page(app):
         page = browser.new_page(viewport=VIEW)
         page.goto(url)
         page.wait_for_selector("#param-w_s input[type=range]", timeout=120_000)
+        # the page's load event has run (it draws the chart): the sliders' events are wired
+        page.wait_for_selector("#chart .js-plotly-plot", timeout=120_000)
         yield page
         browser.close()
 
@@ -67,7 +70,7 @@ def page(app):
 @pytest.fixture(scope="module")
 def bound(app):
     _, world = app
-    return 2.0 if world else float(os.environ.get("PERSONALIZE_LIVE_BOUND", "60"))
+    return float(os.environ.get("PERSONALIZE_LIVE_BOUND", "2" if world else "60"))
 
 
 CURRENT = """() => {
@@ -104,10 +107,16 @@ def release_at(page, name: str, fraction: float) -> str:
 
 
 def wait_done_with(page, text: str, timeout_s: float):
-    page.wait_for_function(
-        "(t) => { const s = document.querySelector('#status'); const i = document.querySelector('#img-chosen img');"
-        " return s && s.innerText.includes('Done') && i && (i.alt || '').includes(t); }",
-        arg=text, timeout=timeout_s * 1000)
+    try:
+        page.wait_for_function(
+            "(t) => { const s = document.querySelector('#status'); const i = document.querySelector('#img-chosen img');"
+            " return s && s.innerText.includes('Done') && i && (i.alt || '').includes(t); }",
+            arg=text, timeout=timeout_s * 1000)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "explore_failed.png"))
+        alt = page.evaluate("() => (document.querySelector('#img-chosen img') || {}).alt")
+        raise AssertionError(f"no finished run showing {text!r}; status {status(page)!r}, image alt {alt!r}") from None
 
 
 def choose_sampler(page, name):
@@ -121,17 +130,18 @@ def choose_sampler(page, name):
 def test_releasing_a_slider_updates_image_and_chart_point(page, bound):
     # the first change loads the model and makes the two ends: not timed
     value = release_at(page, "w_s", 0.1)
-    wait_done_with(page, f"w_s={float(value):g}", 600)
+    wait_done_with(page, f"w_s={float(value):g}", 300)
     assert page.locator("#img-concept img").count() == 1 and page.locator("#img-superclass img").count() == 1
     for fraction in (0.3, 0.5):
         before = page.evaluate(CURRENT)
         started = time.perf_counter()
         value = release_at(page, "w_s", fraction)
         wanted = f"w_s={float(value):g}"
-        wait_done_with(page, wanted, 600)
-        page.wait_for_function(f"() => ({CURRENT})() && ({CURRENT})().includes('{wanted}')", timeout=600_000)
+        wait_done_with(page, wanted, 120)
+        page.wait_for_function(f"() => ({CURRENT})() && ({CURRENT})().includes('{wanted}')", timeout=180_000)
         elapsed = time.perf_counter() - started
         assert page.evaluate(CURRENT) != before
+        print(f"slider release to image and chart point: {elapsed:.2f} s")
         assert elapsed < bound, f"image and chart point after {elapsed:.2f} s (bound {bound} s)"
     assert page.evaluate(TRACE_POINTS, "previous → current") == 2
     ARTIFACTS.mkdir(exist_ok=True)
@@ -143,17 +153,17 @@ def test_second_change_during_a_run_cancels_the_first(page):
     box = page.locator("#steps input[type=number]")
     box.fill("150")
     box.press("Tab")  # blur: the steps slider's release, which runs once
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=180_000)
     page.wait_for_timeout(500)
     finished, superseded = counts(page)
     release_at(page, "w_s", 0.2)
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Step')", timeout=600_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Step')", timeout=180_000)
     value = release_at(page, "w_s", 0.6)
-    wait_done_with(page, f"w_s={float(value):g}", 600)
+    wait_done_with(page, f"w_s={float(value):g}", 180)
     assert counts(page) == (finished + 1, superseded + 1)
     box.fill("30")
     box.press("Tab")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=180_000)
     page.get_by_text("Run settings").click()
 
 
@@ -161,7 +171,7 @@ def test_mask_overlay_toggles(page):
     choose_sampler(page, "masked")
     page.wait_for_function("document.querySelector('#img-chosen img') && "
                            "document.querySelector('#img-chosen img').alt.includes('masked sampling') && "
-                           "document.querySelector('#status').innerText.includes('Done')", timeout=600_000)
+                           "document.querySelector('#status').innerText.includes('Done')", timeout=180_000)
     image = page.locator("#img-chosen img")
     plain = image.get_attribute("src")
     assert "mask in red" not in image.get_attribute("alt")
@@ -172,13 +182,13 @@ def test_mask_overlay_toggles(page):
     page.wait_for_function("!document.querySelector('#img-chosen img').alt.includes('mask in red')", timeout=60_000)
     choose_sampler(page, "mixed")
     page.wait_for_function("document.querySelector('#img-chosen img').alt.includes('mixed sampling')",
-                           timeout=600_000)
+                           timeout=180_000)
 
 
 def test_sweep_draws_a_curve_of_8_points(page):
     page.get_by_text("Sweep this parameter").first.click()
     page.locator("#sweep").click()
-    page.wait_for_function(f"() => ({TRACE_POINTS})('sweep: w_s') === 8", timeout=600_000)
+    page.wait_for_function(f"() => ({TRACE_POINTS})('sweep: w_s') === 8", timeout=180_000)
     assert "Sweep of w_s over 8 points" in status(page)
     page.get_by_text("Sweep this parameter").first.click()
 
@@ -213,7 +223,7 @@ def test_compare_two_samplers_with_their_own_sliders(page):
         box.fill(value)
         box.press("Tab")
     page.locator("#compare").click()
-    page.wait_for_function("document.querySelectorAll('#compare-gallery img').length >= 2", timeout=600_000)
+    page.wait_for_function("document.querySelectorAll('#compare-gallery img').length >= 2", timeout=180_000)
     page.wait_for_timeout(500)
     captions = page.locator("#compare-gallery").inner_text()
     assert "w_s=1.5" in captions and "t_sw=2" in captions, captions

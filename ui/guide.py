@@ -17,6 +17,13 @@ def guide_markdown() -> str:
                  "sampling); if compute is tight, **switching** costs nothing extra but may lose identity; "
                  "try **masked** where mixed cannot balance concept and context; **ProFusion** keeps fidelity "
                  "at twice the compute; **Photoswap** behaves like switching.")
+    lines += ["", "### Reading the Explore tab",
+              "Release a slider and the chosen sampler runs again at the same seed; its image sits between "
+              "**concept sampling** (left: the fine-tuned model as it is) and **superclass sampling** (right: the "
+              "prompt followed with the class noun), which are made once per prompt and seed. Its point moves on "
+              "the IS/TS chart (IS: concept fidelity, TS: prompt following), linked to the previous one; a newer "
+              "change stops a run still going. **Sweep this parameter** draws a whole curve at once. On a world "
+              "model the judge's verdicts (concept shown? context followed?) stand beside IS and TS."]
     return "\n".join(lines)
 
 
