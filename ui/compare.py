@@ -26,7 +26,7 @@ def create_compare(lab: Lab, state: gr.State, compare: Callable = compare_runs, 
     """The Compare tab; `compare(lab, concept, history, prompt, samplers, params, seed, steps,
     size)` runs the comparison. Returns its components and `done`, the event a caller can
     chain on (the app refreshes the Explore tab there)."""
-    with gr.Tab("Compare"):
+    with gr.Tab("Compare", id="compare"):
         gr.Markdown("The same prompt and seed through several samplers at once, each with its own sliders. "
                     "Each image shows its parameters, cost (denoiser rows, seconds) and scores.")
         with gr.Row():

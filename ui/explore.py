@@ -29,7 +29,7 @@ from .gpu import gpu
 
 HISTORY_HEADERS = ["#", "sampler", "params", "seed", "steps", "IS", "TS", "TS class", "rows", "seconds"]
 PREVIEW_EVERY = 0.25   # seconds between streamed previews of a run still going
-IMAGE_HEIGHT = 210
+IMAGE_HEIGHT = 190
 WORLD_PROMPTS = ["a {} on the beach", "a {} in the snow", "a {} in the jungle", "a {} on a cobblestone street",
                  "a red {}", "a blue {}"]
 
@@ -53,7 +53,7 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
     live = live or Live(lab)
     start_sampler = "mixed"
     live_state = gr.State(LiveState())
-    with gr.Tab("Explore"):
+    with gr.Tab("Explore", id="explore"):
         gr.Markdown(lab.banner(), elem_id="banner", elem_classes=["banner"])
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
@@ -93,7 +93,7 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
                                                   interactive=False, elem_id="img-superclass", buttons=["download"])
                         score_superclass = gr.Markdown(elem_id="score-superclass", elem_classes=["score"])
                 status = gr.Markdown("Release a slider to run.", elem_id="status", elem_classes=["score"])
-                plot = gr.Plot(label="IS / TS of this session's runs", elem_id="chart")
+                plot = gr.Plot(label="IS / TS of this session's runs", show_label=False, elem_id="chart")
         with gr.Accordion("Run card and downloads", open=False, elem_id="card-box"):
             with gr.Row():
                 gallery = gr.Gallery(label="All images of the last run", columns=4, height=220, elem_id="gallery")
@@ -166,13 +166,16 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
                     preview = item.previews[0]
                     if mask_ and item.mask is not None:
                         preview = overlay(preview, item.mask[0])
-                    yield {img_chosen: gr.Image(value=preview, alt_text=f"Chosen sampler: {sampler_} sampling, "
+                    yield {img_chosen: gr.Image(value=live.shown(preview), alt_text=f"Chosen sampler: {sampler_} sampling, "
                                                 f"preview at step {item.step + 1} of {item.steps}"),
                            status: f"Step {item.step + 1} of {item.steps}"}
         except Stopped:
             ls.superseded += 1
             print(f"live: a {sampler_} run was superseded by a newer change ({ls.superseded} so far)", flush=True)
-            yield {status: f"Superseded by a newer change. Runs finished: {ls.finished}, superseded: {ls.superseded}."}
+            out = {status: f"Superseded by a newer change. Runs finished: {ls.finished}, superseded: {ls.superseded}."}
+            if ls.shots:  # not a half-made preview: the last finished image
+                out[img_chosen] = picture(ls.shots[-1], "Chosen sampler", mask_)
+            yield out
         except UserError as e:
             raise shown(e) from None
 
@@ -200,10 +203,11 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
              .then(supersede, [live_state], None, queue=False, api_visibility="private"))
 
     # `input`, not `change`: reloading a run from the history sets the sampler without resetting its sliders
-    def choose(sampler_, steps_):
+    def choose(sampler_, steps_, swept):
         names = sweepable(sampler_)
-        return [*control_updates(sampler_, int(steps_)), gr.update(choices=names, value=names[0])]
-    live_run(sampler.input(choose, [sampler, steps_box], [*control_list, sweep_param], queue=False,
+        return [*control_updates(sampler_, int(steps_)),
+                gr.update(choices=names, value=swept if swept in names else names[0])]
+    live_run(sampler.input(choose, [sampler, steps_box, sweep_param], [*control_list, sweep_param], queue=False,
                            api_visibility="private")
              .then(supersede, [live_state], None, queue=False, api_visibility="private"))
 

@@ -28,6 +28,6 @@ def guide_markdown() -> str:
 
 
 def create_guide() -> dict:
-    with gr.Tab("Guide"):
+    with gr.Tab("Guide", id="guide"):
         text = gr.Markdown(guide_markdown(), elem_id="guide")
     return {"text": text}

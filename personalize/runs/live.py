@@ -437,7 +437,7 @@ def chart(state: LiveState, background: list[dict] = (), *, title: str = "IS / T
     fig.update_layout(title=title + ("<br><sup>random-weight metric model: not the study's numbers</sup>"
                                      if random else ""),
                       xaxis_title="TS (prompt following)", yaxis_title="IS (concept fidelity)",
-                      template="plotly_white", margin=dict(l=50, r=10, t=50, b=40), height=300,
+                      template="plotly_white", margin=dict(l=50, r=10, t=40, b=40), height=265,
                       legend=dict(font=dict(size=10)))
     return fig
 
