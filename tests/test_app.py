@@ -171,7 +171,7 @@ def shows_message(page, text):
 
 
 def test_page_bad_input_shows_message_and_keeps_serving(page, tmp_path):
-    prompt = page.locator("#prompt textarea")
+    prompt = page.locator("#prompt input, #prompt textarea").first
     prompt.fill("")
     page.click("#generate")
     assert shows_message(page, "the prompt template is empty")
@@ -192,14 +192,14 @@ def test_page_bad_input_shows_message_and_keeps_serving(page, tmp_path):
     shot(page, "bad_upload_size")
     assert shows_message(page, re.compile(r"1 ?MB", re.IGNORECASE))
 
-    page.get_by_role("tab", name="Explore").click()
+    page.get_by_role("tab", name="Explore").first.click()
     prompt.fill(PROMPT)
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
 
 
 def test_page_history_reloads_into_the_sliders(page):
-    page.get_by_role("tab", name="Explore").click()
+    page.get_by_role("tab", name="Explore").first.click()
     page.get_by_text("History", exact=True).click()
     first = page.locator("#history tbody tr").first
     first.wait_for(timeout=30_000)
