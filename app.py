@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import gradio as gr
 
@@ -22,7 +23,9 @@ from ui.compare import create_compare
 from ui.concept_tab import create_concept
 from ui.explore import create_explore
 from ui.guide import create_guide
+from ui.serving import launch_settings, queue_settings, start_cleaner, study_storage_warning
 from ui.session import Session
+from ui.train_tab import create_train
 
 
 # Page styles (pass to `launch(css=CSS)`): compact text beside the images; small images
@@ -48,6 +51,8 @@ def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
     with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
         gr.Markdown("**personalize** · which sampler gives your fine-tuned concept the best balance of concept "
                     "fidelity and prompt following?")
+        if study is not None and (warning := study_storage_warning(study)):
+            gr.Markdown(warning, elem_id="study-storage-warning")
         state = gr.State(Session(copy.deepcopy(lab.default_concept)))
         with gr.Tabs():
             if study is not None:
@@ -56,15 +61,17 @@ def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
             explore = create_explore(lab, state, live, **start)
             compare = create_compare(lab, state, **start)
             concept = create_concept(lab, state)
+            train = create_train(lab, state)
             create_guide()
         create_api(lab, state)
         # The tabs know nothing of each other; the app wires what one shows after another acts.
         refresh = [state, explore["live_state"]]
         compare["done"].then(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
         concept["done"].then(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
+        train["done"].then(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
         demo.load(explore["refresh"], refresh, explore["refresh_outputs"], api_visibility="private")
     # One queue for everything that touches the model: users never share a pipeline mid-run.
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(**queue_settings())
     return demo
 
 
@@ -81,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--share", action="store_true")
     p.add_argument("--study", default=None, metavar="STUDY_DIR", help="also serve this pairwise user study "
                    "(`python -m personalize study build/demo`); its report needs PERSONALIZE_ADMIN_PASSWORD")
+    p.add_argument("--concepts-dir", default=None, help="folder whose concepts the Concept tab's path box may "
+                   "name (default: only --concept); anything else must be uploaded")
     return p.parse_args(argv)
 
 
@@ -89,15 +98,12 @@ def main(argv=None):
     try:
         lab = make_lab(args)
         demo = build_app(lab, study_dir=args.study)
-        served = lab.served_folders()
-        if args.study:
-            from personalize.study.tasks import served_folders
-            served += served_folders(args.study)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{lab.max_upload_mb}mb", allowed_paths=served, css=CSS)
+    start_cleaner()
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                **launch_settings(lab, args.study))
 
 
 def make_lab(args) -> Lab:
@@ -107,5 +113,8 @@ def make_lab(args) -> Lab:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
-    return live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
-                    superclass=args.superclass, device=device, dtype=dtype)
+    lab = live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
+                   superclass=args.superclass, device=device, dtype=dtype)
+    if args.concepts_dir:
+        lab.concepts_root = Path(args.concepts_dir).expanduser().resolve()
+    return lab

@@ -198,6 +198,8 @@ def test_page_bad_input_shows_message_and_keeps_serving(page, tmp_path):
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=120_000)
 
 
+@pytest.mark.xfail(reason="known bug (issue 16): the History accordion's rows stay hidden after it is opened",
+                   strict=False)
 def test_page_history_reloads_into_the_sliders(page):
     page.get_by_role("tab", name="Explore").first.click()
     page.get_by_text("History", exact=True).click()
