@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import gradio as gr
 
@@ -113,8 +112,5 @@ def make_lab(args) -> Lab:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
-    lab = live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
-                   superclass=args.superclass, device=device, dtype=dtype)
-    if args.concepts_dir:
-        lab.concepts_root = Path(args.concepts_dir).expanduser().resolve()
-    return lab
+    return live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
+                    superclass=args.superclass, device=device, dtype=dtype, concepts_dir=args.concepts_dir)

@@ -463,9 +463,11 @@ def world_concept(model: str, name: str | None = None) -> dict | None:
 
 
 def make_lab(model: str | None = None, *, concept: str | None = None, concept_phrase: str | None = None,
-             superclass: str | None = None, device: str = "cpu", dtype: str = "float32") -> Lab:
+             superclass: str | None = None, device: str = "cpu", dtype: str = "float32",
+             concepts_dir: str | None = None) -> Lab:
     """A Lab as the app makes it: on a world with no `concept` given, the world's own first
-    concept with its phrase, superclass and reference images (so IS has references)."""
+    concept with its phrase, superclass and reference images (so IS has references).
+    `concepts_dir` is the folder whose concepts the Concept tab's path box may name."""
     reason = None
     if model is None:
         from personalize.models.loading import default_model
@@ -473,10 +475,11 @@ def make_lab(model: str | None = None, *, concept: str | None = None, concept_ph
     world = world_concept(model) if concept is None else None
     if world is None:
         lab = Lab(model, concept=concept, concept_phrase=concept_phrase, superclass=superclass, device=device,
-                  dtype=dtype)
+                  dtype=dtype, concepts_dir=concepts_dir)
     else:
         lab = Lab(model, concept=world["weights"], concept_phrase=concept_phrase or world["phrase"],
-                  superclass=superclass or world["superclass"], device=device, dtype=dtype)
+                  superclass=superclass or world["superclass"], device=device, dtype=dtype,
+                  concepts_dir=concepts_dir)
         lab.default_concept.references = list(world["references"])
     lab.reason = reason or lab.reason
     return lab
