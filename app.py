@@ -33,7 +33,7 @@ CSS = """
 .banner, .score { font-size: 0.85em; }
 .score p { margin: 0; }
 #img-concept img, #img-chosen img, #img-superclass img, #sweep-gallery img { image-rendering: pixelated; }
-#study-image-1 img, #study-image-2 img, div:has(+ #study-image-1) img {
+#study-reference img, #study-image-1 img, #study-image-2 img {
     width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 WORLD_STEPS = 25  # the world's own step count (personalize.world.check)

@@ -135,6 +135,17 @@ def choose_sampler(page, name):
     page.wait_for_timeout(500)
 
 
+def test_page_tabs_are_labelled_by_what_they_hold(page):
+    # A non-tab child of gr.Tabs (a gr.State) once shifted every later tab: Compare showed as Explore.
+    tabs = page.locator("button[role=tab]")
+    assert [t.inner_text() for t in tabs.all()] == ["Explore", "Compare", "Concept", "Train", "Guide"]
+    tabs.nth(1).click()
+    page.locator("#compare").wait_for(timeout=30_000)
+    assert page.locator("#compare").is_visible() and not page.locator("#generate").is_visible()
+    tabs.nth(0).click()
+    page.locator("#generate").wait_for(timeout=30_000)
+
+
 def test_page_generate_streams_image_and_lands_on_chart(page):
     assert "offline demo model" in page.locator("#banner").inner_text()
     set_steps(page, 6)

@@ -458,3 +458,38 @@ def test_missing_path_and_scale_and_stacking(pipe, tmp_path):
     concept.remove()
     concept.remove()  # a second remove does nothing
 
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_concept_file_is_read_once(pipe, tmp_path, monkeypatch, suffix):
+    # A file with no telling name is classified by its keys: from the header (safetensors) or
+    # a memory map (PyTorch zip), so the data is read once, by the loader.
+    import safetensors.torch
+
+    embedding = 0.05 * torch.randn(1, 64, generator=gen(2))
+    file = tmp_path / f"my_concept{suffix}"
+    if suffix == ".safetensors":
+        save_file({"<my-token>": embedding}, file)
+    else:
+        torch.save({"<my-token>": embedding}, file)
+    reads = []
+    real_load_file, real_torch_load = safetensors.torch.load_file, torch.load
+
+    def load_file(*a, **k):
+        reads.append("safetensors")
+        return real_load_file(*a, **k)
+
+    def torch_load(*a, **k):
+        if not k.get("mmap"):
+            reads.append("torch.load")
+        return real_torch_load(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
+    monkeypatch.setattr(torch, "load", torch_load)
+    assert detect_format(file) == "textual_inversion"
+    assert reads == []
+    concept = apply_concept(pipe, file, phrase="sks dog")
+    try:
+        assert len(reads) == 1 and concept.format == "textual_inversion"
+    finally:
+        concept.remove()

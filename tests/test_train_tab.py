@@ -4,6 +4,7 @@ clear error and writes nothing."""
 
 import copy
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from personalize.training.jobs import MAX_STEPS, Progress, Trained  # noqa: E402
 from personalize.training.loop import weights_hash  # noqa: E402
 from tests.test_training import SIZE, star_images  # noqa: E402
 from ui.session import Session  # noqa: E402
-from ui.train_tab import create_train, train  # noqa: E402
+from ui.train_tab import create_train, request_stop, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +69,13 @@ def test_stop_ends_the_run_with_a_usable_concept(lab, photos, tmp_path, pipe):
     """Also: the run trains the base model, not the concept the previous test's Explore run
     left applied to the app's pipeline."""
     session = new_session(lab)
-    session.stop.set()   # left over from an earlier run: a new run clears it
+    request_stop(session)   # a Stop pressed before this run started does not stop it
     items = []
     for item in train(lab, session, photos, "sks star", "star", "svdiff", 50, resolution=SIZE, root=tmp_path):
         items.append(item)
         if isinstance(item, Progress):
-            session.stop.set()
+            request_stop(session)
+    pickle.loads(pickle.dumps(session))   # plain data: ZeroGPU pickles it into its worker
     done = items[-1]
     assert isinstance(done, Trained) and done.summary["stopped"]
     assert 1 <= done.summary["steps"] < 50 and done.summary["steps_planned"] == 50

@@ -3,6 +3,7 @@ the concept loader; its check measures every figure; bad folders get clear error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from personalize.errors import UserError
-from personalize.world import build, check
+from personalize.world import build, check, models
 from personalize.world.scene import CONCEPTS
 
 
@@ -27,8 +28,8 @@ def test_build_records_every_part(quick_world):
     out, world = quick_world
     record = json.loads((out / "world.json").read_text())
     assert record == world
-    assert set(record["parts"]) == {"autoencoder", "denoiser", "metric_model", "concepts"}
-    for part in ("autoencoder", "denoiser", "metric_model"):
+    assert set(record["parts"]) == {"autoencoder", "denoiser", "metric_model", "concepts", "decoder"}
+    for part in ("autoencoder", "denoiser", "metric_model", "decoder"):
         assert record["parts"][part]["steps"] > 0
         assert np.isfinite(record["parts"][part]["final_loss"])
     assert set(record["parts"]["concepts"]) == set(CONCEPTS)
@@ -44,7 +45,7 @@ def test_pipeline_loads_with_diffusers(quick_world):
     image = pipe("a red ball in the snow", num_inference_steps=3, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
-    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == models.LATENT_CHANNELS
     assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((out / "world.json").read_text())
                                                            ["parts"]["denoiser"]["scaling_factor"])
 
@@ -116,3 +117,22 @@ def test_check_refuses_a_folder_that_is_not_a_world(tmp_path):
         check.check_world_folder(tmp_path)
     with pytest.raises(UserError, match="not a folder"):
         check.check_world_folder(tmp_path / "absent")
+
+
+def test_decoder_finetune_keeps_the_encoder_and_weighs_objects():
+    from personalize.world.scene import codec_batch
+
+    torch.manual_seed(0)
+    vae = models.autoencoder().eval()
+    images, masks = codec_batch(8, seed=3, with_masks=True)
+    assert masks.shape == (8, 64, 64) and 0.05 < masks.mean() < 0.4
+    assert np.array_equal(images, codec_batch(8, seed=3))     # the masks do not change the images
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    size = dataclasses.replace(build.QUICK, decoder_steps=3, vae_batch=4)
+    vae, record = build.finetune_decoder(vae, images, masks, size, seed=0)
+    assert record["steps"] == 3 and np.isfinite(record["final_loss"])
+    # latents keep their meaning: the encoder is bitwise the same; the decoder learned
+    assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())

@@ -52,8 +52,10 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
     the sliders start (a world starts at its own prompts and fewer steps)."""
     live = live or Live(lab)
     start_sampler = "mixed"
-    live_state = gr.State(LiveState())
     with gr.Tab("Explore", id="explore"):
+        # inside the tab: a child of gr.Tabs that is not a tab shifts every tab after it
+        # (the Compare tab rendered as a second Explore)
+        live_state = gr.State(LiveState())
         gr.Markdown(lab.banner(), elem_id="banner", elem_classes=["banner"])
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from personalize.runs.lab import Concept
+from personalize.runs.live import Tickets
 
 
 @dataclass
 class Session:
+    """Everything here is plain data, so that gradio can deep-copy it per user and ZeroGPU
+    can pickle it into its worker."""
     concept: Concept
     history: list = field(default_factory=list)        # run cards with scores, newest last
     background: list = field(default_factory=list)     # rows of an uploaded sweep results.csv
-    _stop: threading.Event | None = None               # made on first use: gradio deep-copies the initial value
-
-    @property
-    def stop(self) -> threading.Event:
-        """Set by the Stop button; the running generation checks it every step."""
-        if self._stop is None:
-            self._stop = threading.Event()
-        return self._stop
+    training: Tickets = field(default_factory=Tickets)  # the Train tab's runs: Stop supersedes the one going

@@ -62,7 +62,8 @@ def create_study(study: Study):
         progress = gr.Markdown(elem_id="study-progress")
         prompt = gr.Textbox(label="Prompt", interactive=False, elem_id="study-prompt")
         with gr.Row():
-            reference = gr.Image(label="Original image", type="filepath", interactive=False, height=280)
+            reference = gr.Image(label="Original image", type="filepath", interactive=False, height=280,
+                                 elem_id="study-reference")
             image_1 = gr.Image(label="Image 1", type="filepath", interactive=False, height=280,
                                elem_id="study-image-1")
             image_2 = gr.Image(label="Image 2", type="filepath", interactive=False, height=280,

@@ -43,10 +43,10 @@ def train(lab: Lab, session: Session, photos, phrase, superclass, method, steps,
     stopped), make the trained folder this session's concept. Yields what the library
     yields; raises UserError on bad input."""
     request = check_request(photos, phrase, superclass, method, steps)
-    session.stop.clear()
+    stop = session.training.stop_for(session.training.new_request())
     pipe = load_pipeline(lab.model, device=lab.device, dtype=lab.dtype, scheduler=lab.scheduler)
     use_concept(pipe, None, "", 1.0)   # train on the base model, not on the concept an earlier run applied
-    for item in stream_training(pipe, request, session.stop, root=root, resolution=resolution,
+    for item in stream_training(pipe, request, stop, root=root, resolution=resolution,
                                 base_model=lab.model):
         if isinstance(item, Trained):
             # The server wrote this folder for this user: it is used as it is (a path typed in the
@@ -54,6 +54,12 @@ def train(lab: Lab, session: Session, photos, phrase, superclass, method, steps,
             session.concept = Concept(request.phrase, request.superclass, lab.check_references(item.references),
                                       str(item.out))
         yield item
+
+
+def request_stop(session: Session) -> None:
+    """The Stop button: the run going is superseded; it checks after every step, saves a
+    checkpoint and writes the concept so far."""
+    session.training.new_request()
 
 
 def finished_line(t: Trained) -> str:
@@ -105,9 +111,6 @@ def create_train(lab: Lab, state: gr.State) -> dict:
     done = train_btn.click(run, [state, photos, phrase, superclass, method, steps], [status, folder, state],
                            concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
-    def stop(session):
-        # The run checks this event after every step, saves a checkpoint and writes the concept so far.
-        session.stop.set()
-    stop_btn.click(stop, [state], None, queue=False, api_visibility="private")
+    stop_btn.click(request_stop, [state], None, queue=False, api_visibility="private")
     return {"photos": photos, "phrase": phrase, "superclass": superclass, "method": method, "steps": steps,
             "train": train_btn, "stop": stop_btn, "status": status, "folder": folder, "done": done}

@@ -111,7 +111,7 @@ def _detect_file(path: Path) -> str:
     for fmt, names in NAMED_FILES:
         if path.name in names:
             return fmt
-    fmt = _classify(read_weights(path)[0])
+    fmt = _classify(peek_weights(path))
     if fmt is None:
         raise fail(path, f"unknown concept layout; accepted: {ACCEPTED}")
     return fmt
@@ -176,6 +176,35 @@ def read_weights(path: Path) -> tuple[object, dict]:
         except Exception as e:
             raise fail(path, f"not a readable PyTorch weights file ({_first_line(e)})") from None
     raise fail(path, f"unsupported file type {path.suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def peek_weights(path: Path):
+    """What `_classify` needs of a weight file (its keys, each value's dtype and shape)
+    without reading the tensors' data: a large concept file is then read once, when it is
+    loaded. Safetensors: the header only, values as meta tensors; PyTorch zip files:
+    memory-mapped, so that untouched tensors are never read."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                       dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                        for k in f.keys()}
+        except Exception as e:  # safetensors reports corruption with several error types
+            raise fail(path, f"not a readable safetensors file ({_first_line(e)})") from None
+    if path.suffix in (".bin", ".pt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            pass    # read_weights gives the refusal its message
+        except RuntimeError:
+            pass    # not a zip checkpoint (the legacy format cannot be memory-mapped): read it whole
+    return read_weights(path)[0]
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

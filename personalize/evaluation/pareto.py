@@ -70,7 +70,7 @@ def pareto_front(points) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Point:
+class CurvePoint:
     sampler: str
     params: dict
     x: float         # mean over (concept, prompt) groups of each group's mean
@@ -92,7 +92,7 @@ def _short(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def summarize(rows, x: str = "ts", y: str = "is") -> list[Point]:
+def summarize(rows, x: str = "ts", y: str = "is") -> list[CurvePoint]:
     """One point per (sampler, parameters): the mean over prompts (docs/evaluation.md) of each
     (concept, prompt)'s mean over its images, and the spread of those means."""
     by_point: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
@@ -105,7 +105,7 @@ def summarize(rows, x: str = "ts", y: str = "is") -> list[Point]:
     for (sampler, params), groups in by_point.items():
         xs = [_mean([v[0] for v in g]) for g in groups.values()]
         ys = [_mean([v[1] for v in g]) for g in groups.values()]
-        points.append(Point(sampler, json.loads(params), _mean(xs), _mean(ys), _std(xs), _std(ys),
+        points.append(CurvePoint(sampler, json.loads(params), _mean(xs), _mean(ys), _std(xs), _std(ys),
                             len(groups), sum(len(g) for g in groups.values()), random[(sampler, params)]))
     return points
 
@@ -137,9 +137,9 @@ def _std(v: list[float]) -> float:
     return math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1))
 
 
-def curves(points: list[Point]) -> list[tuple[str, list[Point]]]:
+def curves(points: list[CurvePoint]) -> list[tuple[str, list[CurvePoint]]]:
     """The points grouped into curves (see CURVES), each sorted along its parameter."""
-    grouped: dict[tuple, list[Point]] = defaultdict(list)
+    grouped: dict[tuple, list[CurvePoint]] = defaultdict(list)
     for p in points:
         along, split = CURVES.get(p.sampler, ((), ()))
         grouped[(p.sampler, tuple((k, json.dumps(p.params.get(k))) for k in split))].append(p)
@@ -191,7 +191,7 @@ def figure(rows, *, x: str = "ts", y: str = "is", title: str | None = None):
     return fig
 
 
-def hover(p: Point, x: str, y: str) -> str:
+def hover(p: CurvePoint, x: str, y: str) -> str:
     lines = [f"<b>{p.sampler}</b>", p.label or "(defaults)",
              f"{y}: {p.y:.4f} ± {p.y_std:.4f}", f"{x}: {p.x:.4f} ± {p.x_std:.4f}",
              f"{p.images} images, {p.groups} concept×prompt pairs (± = their spread)"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from personalize.errors import UserError
-from personalize.evaluation.sweep_config import Concept, Point, SweepConfig, load_config
+from personalize.evaluation.sweep_config import Setting, SweepConcept, SweepConfig, load_config
 
 RESULTS = "results.csv"
 PARTS = "parts"
@@ -50,9 +50,9 @@ TIMING = ("seconds",)  # the only columns that differ between two runs of the sa
 
 @dataclass(frozen=True)
 class Job:
-    concept: Concept
+    concept: SweepConcept
     prompt: str
-    point: Point
+    point: Setting
     seed: int
 
     def key(self, image: int) -> tuple[str, ...]:
@@ -448,7 +448,7 @@ def score(models, job: Job, images: list, cache: dict) -> tuple[tuple[str, str],
     return texts, scores
 
 
-def reference_embeddings(models, concept: Concept, cache: dict):
+def reference_embeddings(models, concept: SweepConcept, cache: dict):
     key = ("refs", concept.name)
     if key not in cache:
         from PIL import Image

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from personalize.errors import UserError
+from personalize.images import IMAGE_SUFFIXES, image_files
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
             "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images")
@@ -27,12 +28,11 @@ CONCEPT_KEYS = ("name", "phrase", "superclass", "references", "weights", "model"
 BENCH_KEYS = ("dreambench", "subjects", "phrase", "weights", "model", "prompts")
 SAMPLER_KEYS = ("name", "points", "grid")
 METRIC_KEYS = ("clip", "dino", "dino_weights", "allow_random")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
-class Concept:
+class SweepConcept:
     name: str
     phrase: str
     superclass: str
@@ -43,7 +43,7 @@ class Concept:
 
 
 @dataclass(frozen=True)
-class Point:
+class Setting:
     """One sampler setting: every parameter, defaults filled, numbers in one canonical form."""
     sampler: str
     params: str  # canonical JSON: the row key and the `params` column
@@ -57,8 +57,8 @@ class Point:
 @dataclass(frozen=True)
 class SweepConfig:
     model: str | None
-    concepts: tuple[Concept, ...]
-    points: tuple[Point, ...]
+    concepts: tuple[SweepConcept, ...]
+    points: tuple[Setting, ...]
     seeds: tuple[int, ...]
     steps: int = 50
     images_per_prompt: int = 1
@@ -178,7 +178,7 @@ def _path_or_id(value: str, base: Path) -> str:
     return str(candidate) if not Path(value).expanduser().is_absolute() and candidate.exists() else value
 
 
-def _concepts(entries: list, base: Path, model: str | None, default_prompts) -> tuple[Concept, ...]:
+def _concepts(entries: list, base: Path, model: str | None, default_prompts) -> tuple[SweepConcept, ...]:
     concepts = []
     for k, entry in enumerate(entries):
         where = f"concepts[{k}]"
@@ -193,7 +193,7 @@ def _concepts(entries: list, base: Path, model: str | None, default_prompts) -> 
     return tuple(concepts)
 
 
-def _concept(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> Concept:
+def _concept(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> SweepConcept:
     """One concept; phrase, superclass and references default to its model's concept.json
     (the demo model has one)."""
     from personalize.models.loading import read_concept_json
@@ -223,11 +223,11 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     from personalize.evaluation.prompt_sets import resolve_prompts
     prompts = resolve_prompts(entry.get("prompts", default_prompts), name=name, superclass=superclass,
                               where=f"{where}.prompts" if "prompts" in entry else "prompts")
-    return Concept(name, phrase, superclass, _references(references, f"{where}.references", base),
+    return SweepConcept(name, phrase, superclass, _references(references, f"{where}.references", base),
                    tuple(dict.fromkeys(prompts)), weights, concept_model)
 
 
-def _bench_concepts(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> list[Concept]:
+def _bench_concepts(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> list[SweepConcept]:
     """The benchmark's subjects from its dataset folder (one subfolder of images per
     subject). `phrase`, `weights` and `model` may name the subject as {name} and its class
     noun as {class}."""
@@ -268,7 +268,7 @@ def _references(value, where: str, base: Path) -> tuple[str, ...]:
         folder = base / Path(value).expanduser()
         if not folder.is_dir():
             raise UserError(f"{where}: the folder {folder} does not exist")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder)
         if not files:
             raise UserError(f"{where}: the folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     else:
@@ -284,7 +284,7 @@ def _references(value, where: str, base: Path) -> tuple[str, ...]:
     return tuple(str(f.resolve()) for f in files)
 
 
-def _points(entries: list, steps: int, configure) -> tuple[Point, ...]:
+def _points(entries: list, steps: int, configure) -> tuple[Setting, ...]:
     from personalize.sampling.samplers import SAMPLERS
 
     points = []
@@ -321,7 +321,7 @@ def grid_points(grid, where: str) -> list[dict]:
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
-def make_point(config) -> Point:
+def make_point(config) -> Setting:
     """Canonical parameters: whole-number kinds as int, the rest as float, so that `7` and
     `7.0` are one point (and one row key)."""
     from personalize.sampling.samplers import SAMPLERS
@@ -338,4 +338,4 @@ def make_point(config) -> Point:
     label = ",".join(f"{k}={v}" for k, v in params.items())
     if len(label) > 90 or not re.fullmatch(r"[A-Za-z0-9_.,=-]+", label):  # per-step lists and the like
         label = "p" + hashlib.sha1(text.encode()).hexdigest()[:12]
-    return Point(config.name, text, label)
+    return Setting(config.name, text, label)

@@ -53,16 +53,11 @@ class Shot:
 
 
 @dataclass
-class LiveState:
-    """One user's live session (the app keeps it in `gr.State`): the request counter, the
-    cached ends, the chosen sampler's runs and the last sweep."""
+class Tickets:
+    """A request counter: each new request supersedes the older ones, whose runs stop at
+    their next step. A plain number, so that the state holding it can be copied and
+    pickled (a threading.Event cannot, and ZeroGPU pickles a run's arguments)."""
     latest: int = 0
-    ends: dict = field(default_factory=dict)        # key -> (concept Shot, superclass Shot)
-    shots: list = field(default_factory=list)       # the chosen sampler's finished runs, newest last
-    sweep: list = field(default_factory=list)       # the last sweep's Shots
-    sweep_param: str | None = None
-    finished: int = 0                               # runs that ran to the end
-    superseded: int = 0                             # runs stopped by a newer request
 
     def new_request(self) -> int:
         """A ticket for a new request; every older ticket is superseded from now on."""
@@ -73,11 +68,23 @@ class LiveState:
         return Superseded(self, int(ticket))
 
 
+@dataclass
+class LiveState(Tickets):
+    """One user's live session (the app keeps it in `gr.State`): the request counter, the
+    cached ends, the chosen sampler's runs and the last sweep."""
+    ends: dict = field(default_factory=dict)        # key -> (concept Shot, superclass Shot)
+    shots: list = field(default_factory=list)       # the chosen sampler's finished runs, newest last
+    sweep: list = field(default_factory=list)       # the last sweep's Shots
+    sweep_param: str | None = None
+    finished: int = 0                               # runs that ran to the end
+    superseded: int = 0                             # runs stopped by a newer request
+
+
 class Superseded:
     """`engine.run`'s `stop` for a live request: set once a newer request came (or when
     set by hand, as `Lab.stream` does when its consumer goes away)."""
 
-    def __init__(self, state: LiveState, ticket: int):
+    def __init__(self, state: Tickets, ticket: int):
         self.state, self.ticket, self._set = state, ticket, False
 
     def is_set(self) -> bool:

@@ -17,9 +17,14 @@ SD_LATENT_RGB = torch.tensor([
 
 
 def latents_to_rgb(latents: torch.Tensor) -> list[Image.Image]:
-    """(n, 4, h, w) latents -> n small RGB images (h x w), each stretched to its own range
-    so that random-weight models show something too."""
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), SD_LATENT_RGB)
+    """(n, c, h, w) latents -> n small RGB images (h x w), each stretched to its own range
+    so that random-weight models show something too. Four channels go through SD's map;
+    other latent widths (the world's codec) show their first three channels."""
+    z = latents.float().cpu()
+    if z.shape[1] == SD_LATENT_RGB.shape[0]:
+        rgb = torch.einsum("nchw,cr->nhwr", z, SD_LATENT_RGB)
+    else:
+        rgb = z[:, :3].permute(0, 2, 3, 1)
     images = []
     for img in rgb:
         lo, hi = img.amin(), img.amax()

@@ -36,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.images import IMAGE_SUFFIXES, image_files
 from personalize.study.store import ANSWERS, QUESTIONS, Store, default_db_path
 
 FORMAT = "personalize-study/1"
@@ -54,7 +55,6 @@ DEMO_PAIRS = (("mixed", "concept"), ("mixed", "switching"))
 DEMO_PROMPTS = ("a {} in the jungle", "a {} in the snow", "a {} on the beach", "a red {}")
 METHOD = re.compile(r"^(?P<sampler>[a-z_]+)(?:\[(?P<point>[^\[\]]+)\])?$")
 PARTICIPANT = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def _references(sweep: Path, rows: list[dict], concepts: list[str], given: dict[
     for c in concepts:
         if c in given:
             path = Path(given[c]).expanduser()
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() \
+            files = image_files(path) if path.is_dir() \
                 else [path] if path.is_file() else []
             if not files:
                 raise UserError(f"--references {c}={given[c]}: no images there ({', '.join(IMAGE_SUFFIXES)})")

@@ -9,7 +9,6 @@ import torch
 
 from ..errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_IMAGES = 1000
 
 

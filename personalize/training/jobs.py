@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .data import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES
 from .recipes import recipe
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 20
@@ -102,11 +102,12 @@ def new_concept_folder(root: str | Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix="personalize-concept-", dir=root))
 
 
-def stream_training(pipe, request: Request, stop: threading.Event, *, root=None,
+def stream_training(pipe, request: Request, stop, *, root=None,
                     **options) -> Iterator[Progress | Trained]:
     """Train into a new folder (`new_concept_folder(root)`) in a worker thread; yield the
     latest Progress as steps finish (steps that finish while the consumer is busy are
-    skipped over), then Trained. Setting `stop` ends the run after the current step and
+    skipped over), then Trained. `stop` is a threading.Event or anything with its
+    `is_set` and `set` (a live request's ticket); setting it ends the run after the current step and
     writes the concept from the weights so far; closing the iterator stops the run and
     waits for the worker. `options` go to `train_concept` (resolution, seed, ...). An
     error in the worker is raised here, and the folder is removed if nothing was written."""

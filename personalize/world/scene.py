@@ -295,6 +295,63 @@ def render_batch(scenes) -> np.ndarray:
     return np.stack([render(s) for s in scenes])
 
 
+def _random_pattern(img: np.ndarray, mask: np.ndarray, box, rng: np.random.Generator) -> None:
+    """Paint `mask` with a pattern of random colours: one colour, halves, stripes, or a
+    centre disc on a base colour."""
+    x0, y0, x1, y1 = box
+    # Half the colours uniform in RGB, half near the corners and edge midpoints of the RGB
+    # cube (black, white, saturated hues): a codec meets those most and they are the
+    # hardest to tell apart after a blur.
+    lattice = np.array([0, 128, 255])[rng.integers(3, size=(8, 3))] + rng.integers(-30, 31, size=(8, 3))
+    colours = np.where(rng.random((8, 1)) < 0.5, rng.integers(0, 256, size=(8, 3)), np.clip(lattice, 0, 255))
+    kind = rng.integers(4)
+    if kind == 0:
+        img[mask] = colours[0]
+    elif kind == 1:
+        split = (_XX < (x0 + x1) / 2) if rng.random() < 0.5 else (_YY < (y0 + y1) / 2)
+        img[mask & split] = colours[0]
+        img[mask & ~split] = colours[1]
+    elif kind == 2:
+        k = int(rng.integers(2, 8))
+        pos, lo, span = (_YY, y0, y1 - y0) if rng.random() < 0.5 else (_XX, x0, x1 - x0)
+        band = ((pos - lo) * k) // max(span, 1)
+        for i in range(k):
+            img[mask & (band == i)] = colours[i % (2 + int(rng.integers(2)))]
+    else:
+        img[mask] = colours[0]
+        r = (x1 - x0) * rng.uniform(0.1, 0.3)
+        img[mask & ((_XX - (x0 + x1) / 2) ** 2 + (_YY - (y0 + y1) / 2) ** 2 <= r * r)] = colours[1]
+
+
+def codec_batch(n: int, seed: int, *, with_masks: bool = False):
+    """Training images for the autoencoder, (n, 64, 64, 3) uint8: world scenes, most of
+    them (60%) with the object repainted in random colours and patterns.
+
+    The autoencoder is the world's image codec: it must be able to represent any object a
+    concept may have (colours outside the palette, stripes, halves), not only the base
+    model's palette, or a concept's references decode to other colours and no amount of
+    fine-tuning can draw them. The patterns are generic random ones, not the concepts'
+    looks, and no caption comes with them: the denoiser never sees these images.
+    With `with_masks`, also each image's object pixels, (n, 64, 64) bool.
+    """
+    rng = np.random.default_rng([seed, 11])
+    out = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    masks = np.empty((n, SIZE, SIZE), bool) if with_masks else None
+    for i in range(n):
+        scene = random_scene(rng)
+        mask = object_mask(scene)
+        if masks is not None:
+            masks[i] = mask
+        if rng.random() < 0.4:
+            out[i] = render(scene)
+            continue
+        img = _background(scene.context, np.random.default_rng([scene.seed, 1])).astype(np.int64)
+        _random_pattern(img, mask, scene.box, rng)
+        noise = np.random.default_rng([scene.seed, 2]).integers(-NOISE, NOISE + 1, size=img.shape)
+        out[i] = np.clip(img + noise, 0, 255).astype(np.uint8)
+    return (out, masks) if with_masks else out
+
+
 # --- captions and prompts ---------------------------------------------------------------
 
 PHOTO_PREFIX = "a photo of "
