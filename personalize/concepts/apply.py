@@ -192,9 +192,10 @@ def peek_weights(path: Path):
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                       dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
-                        for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                return {k: torch.empty(v.get_shape(), device="meta",
+                                       dtype=_SAFETENSORS_DTYPES.get(v.get_dtype(), torch.uint8))
+                        for k, v in slices.items()}
         except Exception as e:  # safetensors reports corruption with several error types
             raise fail(path, f"not a readable safetensors file ({_first_line(e)})") from None
     if path.suffix in (".bin", ".pt"):

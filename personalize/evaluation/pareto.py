@@ -106,7 +106,7 @@ def summarize(rows, x: str = "ts", y: str = "is") -> list[CurvePoint]:
         xs = [_mean([v[0] for v in g]) for g in groups.values()]
         ys = [_mean([v[1] for v in g]) for g in groups.values()]
         points.append(CurvePoint(sampler, json.loads(params), _mean(xs), _mean(ys), _std(xs), _std(ys),
-                            len(groups), sum(len(g) for g in groups.values()), random[(sampler, params)]))
+                                 len(groups), sum(len(g) for g in groups.values()), random[(sampler, params)]))
     return points
 
 

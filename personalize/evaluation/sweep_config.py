@@ -224,7 +224,7 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     prompts = resolve_prompts(entry.get("prompts", default_prompts), name=name, superclass=superclass,
                               where=f"{where}.prompts" if "prompts" in entry else "prompts")
     return SweepConcept(name, phrase, superclass, _references(references, f"{where}.references", base),
-                   tuple(dict.fromkeys(prompts)), weights, concept_model)
+                        tuple(dict.fromkeys(prompts)), weights, concept_model)
 
 
 def _bench_concepts(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> list[SweepConcept]:

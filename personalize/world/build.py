@@ -80,16 +80,17 @@ def _cosine(progress: float, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _scheduled_steps(opt, steps: int, minutes: float, peak_lr: float, warmup: int):
+def _scheduled_steps(opt, steps: int, minutes: float, peak_lr: float, warmup: int, floor: float = 0.1):
     """The step indices of a part with a step and a wall-clock budget, setting the
-    learning rate of each (linear warm-up, then cosine over the budget)."""
+    learning rate of each (linear warm-up, then cosine over the budget down to `floor`
+    of the peak). Every part of the build trains through it."""
     start = time.time()
     for step in range(steps):
         done = _progress(step, steps, start, minutes)
         if done >= 1.0:
             return
         for g in opt.param_groups:
-            g["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * _cosine(done)
+            g["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * _cosine(done, floor)
         yield step
 
 
@@ -218,7 +219,8 @@ def min_snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float = MIN_S
 
 def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str], tokenizer,
                    size: BuildSize, seed: int, *, start_from=None, peak_lr: float = 1e-3):
-    """UNet and text encoder trained together on eps-prediction, empty captions included
+    """UNet and text encoder trained together on the scheduler's prediction type (v for
+    the world), with a Min-SNR-style loss weight, empty captions included
     (they are the unconditional branch of classifier-free guidance). `start_from` is a
     (unet, text_encoder) pair to continue training."""
     torch.manual_seed(seed)
@@ -235,12 +237,7 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
     ema = EMA([unet, text_encoder], decay=EMA_DECAY)
     gen = torch.Generator().manual_seed(seed)
     start, losses, steps_done = time.time(), [], 0
-    for step in range(size.denoiser_steps):
-        done = _progress(step, size.denoiser_steps, start, size.denoiser_minutes)
-        if done >= 1.0:
-            break
-        for g in opt.param_groups:
-            g["lr"] = peak_lr * min(1.0, (step + 1) / 100) * _cosine(done)
+    for step in _scheduled_steps(opt, size.denoiser_steps, size.denoiser_minutes, peak_lr, 100):
         idx = torch.randint(len(captions), (size.denoiser_batch,), generator=gen)
         z0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z0.shape, generator=gen)
@@ -326,12 +323,7 @@ def train_metric_model(size: BuildSize, seed: int):
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed)
     start, loss_value, steps_done = time.time(), float("nan"), 0
-    for step in range(size.metric_steps):
-        done = _progress(step, size.metric_steps, start, size.metric_minutes)
-        if done >= 1.0:
-            break
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * _cosine(done, floor=0.0)
+    for step in _scheduled_steps(opt, size.metric_steps, size.metric_minutes, 1e-3, 50, floor=0.0):
         images, batch_labels = _metric_batch(rng, size.metric_batch)
         x = metric_normalize(_degrade(to_tensor(images), gen))
         ids = torch.tensor([index[l] for l in batch_labels])
