@@ -37,3 +37,13 @@ def prompts():
 
     return prompt_pair("a photo of a {} on the beach", "sks dog", "dog")
 
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory):
+    """`world build --quick` once for the whole suite: (folder, its world.json record).
+    Tests that change the folder work on a copy."""
+    from personalize.world.build import build_world
+
+    out = tmp_path_factory.mktemp("world") / "w"
+    return out, build_world(out, quick=True, check=False)

@@ -10,12 +10,8 @@ from personalize.evaluation.sweep import read_rows
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from personalize.world.build import build_world
-
-    out = tmp_path_factory.mktemp("world") / "w"
-    build_world(out, quick=True, check=False)
-    return out
+def world(quick_world):
+    return quick_world[0]
 
 
 @pytest.fixture(scope="module")

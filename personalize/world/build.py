@@ -48,9 +48,10 @@ class BuildSize:
 
 
 FULL = BuildSize()
-QUICK = BuildSize(images=600, vae_steps=30, vae_batch=16, vae_minutes=1.0, denoiser_steps=40, denoiser_batch=16,
-                  denoiser_minutes=1.0, metric_steps=20, metric_batch=64, metric_minutes=1.0, concept_steps=10,
-                  concept_class_images=4, decoder_steps=10, decoder_minutes=0.5)
+# Every part and stage of a full build, a few steps each: for tests of the wiring, not of quality.
+QUICK = BuildSize(images=200, vae_steps=8, vae_batch=8, vae_minutes=1.0, denoiser_steps=12, denoiser_batch=8,
+                  denoiser_minutes=1.0, metric_steps=8, metric_batch=32, metric_minutes=1.0, concept_steps=4,
+                  concept_class_images=2, decoder_steps=4, decoder_minutes=0.5)
 
 
 def _log(message: str) -> None:

@@ -108,7 +108,7 @@ def metric_zero_shot(metric, n: int, seed: int) -> list[Figure]:
             Figure("metric model: zero-shot context", hits[:, 2].mean(), ">= 0.95", n)]
 
 
-def base_model(pipe, n: int, seed: int, batch: int = 50) -> list[Figure]:
+def base_model(pipe, n: int, seed: int, batch: int = 50, steps: int = STEPS) -> list[Figure]:
     """The base model on random prompts of the captions' form, judged from pixels."""
     rng = np.random.default_rng(seed)
     prompts = []
@@ -119,7 +119,7 @@ def base_model(pipe, n: int, seed: int, batch: int = 50) -> list[Figure]:
     verdicts = []
     for i in range(0, n, batch):
         chunk = prompts[i:i + batch]
-        images = pipe(chunk, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=GUIDANCE, height=64, width=64,
                       generator=torch.Generator().manual_seed(seed + i)).images
         verdicts += [J.judge(im, p) for im, p in zip(images, chunk)]
     return [Figure("base model: judge colour", np.mean([v.colour_ok for v in verdicts]), ">= 0.85", n),
@@ -127,17 +127,18 @@ def base_model(pipe, n: int, seed: int, batch: int = 50) -> list[Figure]:
             Figure("base model: judge context", np.mean([v.context_ok for v in verdicts]), ">= 0.90", n)]
 
 
-def sample(pipe, template: str, concept: dict, sampler: str, params: dict | None, images: int, seed: int):
+def sample(pipe, template: str, concept: dict, sampler: str, params: dict | None, images: int, seed: int,
+           steps: int = STEPS):
     from ..sampling.engine import run
     from ..prompts import prompt_pair
     from ..sampling.samplers import configure
 
     pair = prompt_pair(template, concept["phrase"], concept["superclass"])
-    return run(pipe, pair, configure(sampler, params or {}, steps=STEPS), seed=seed, num_images=images,
+    return run(pipe, pair, configure(sampler, params or {}, steps=steps), seed=seed, num_images=images,
                height=64, width=64, concept_phrase=concept["phrase"]).images
 
 
-def concept_samplers(pipe, name: str, images: int, templates) -> list[Figure]:
+def concept_samplers(pipe, name: str, images: int, templates, steps: int = STEPS) -> list[Figure]:
     """Concept, superclass and mixed sampling at their defaults: the study's overfit
     concept, the generic class member, and the mix of both."""
     concept = CONCEPTS[name]
@@ -147,7 +148,7 @@ def concept_samplers(pipe, name: str, images: int, templates) -> list[Figure]:
         verdicts = []
         for k, template in enumerate(templates):
             prompt = fill(template, concept["phrase"])
-            verdicts += [J.judge(im, prompt) for im in sample(pipe, template, concept, sampler, None, images, k)]
+            verdicts += [J.judge(im, prompt) for im in sample(pipe, template, concept, sampler, None, images, k, steps)]
         fid = J.fidelity(verdicts)
         n = len(verdicts)
         figures += [Figure(f"{name} / {sampler}: concept fidelity", fid["concept_fidelity"], concept_target, n),
@@ -155,7 +156,7 @@ def concept_samplers(pipe, name: str, images: int, templates) -> list[Figure]:
     return figures
 
 
-def mixed_sweep(pipe, metric, names, images: int, templates) -> tuple[list[Figure], list[dict]]:
+def mixed_sweep(pipe, metric, names, images: int, templates, steps: int = STEPS) -> tuple[list[Figure], list[dict]]:
     """w_s = 0..7 with w_c = 7 - w_s: mean TS and context fidelity rise, mean IS and
     concept fidelity fall (Spearman over the eight points)."""
     from scipy.stats import spearmanr
@@ -169,7 +170,8 @@ def mixed_sweep(pipe, metric, names, images: int, templates) -> tuple[list[Figur
             concept = CONCEPTS[name]
             refs = metric.clip_images(_pil([render(s) for s in reference_scenes(name, n=5, seed=0)]))
             for k, template in enumerate(templates):
-                ims = sample(pipe[name], template, concept, "mixed", {"w_s": float(w_s), "w_c": float(7 - w_s)}, images, k)
+                ims = sample(pipe[name], template, concept, "mixed", {"w_s": float(w_s), "w_c": float(7 - w_s)}, images, k,
+                             steps)
                 emb = metric.clip_images(_pil(ims))
                 is_ += (emb @ refs.T).mean(1).tolist()
                 ts += (emb @ metric.clip_texts([remove_concept(template)]).T)[:, 0].tolist()
@@ -192,16 +194,18 @@ def mixed_sweep(pipe, metric, names, images: int, templates) -> tuple[list[Figur
 
 def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=print) -> dict:
     """Measure every figure on the world at `folder`; the record is also written to
-    `world.json` under `check`."""
+    `world.json` under `check`. `quick` measures few images at 4 denoising steps: it shows
+    that every figure can be measured, not what it is."""
     from ..concepts import apply_concept
 
     folder = check_world_folder(folder)
     start = time.time()
+    steps = 4 if quick else STEPS
     metric = load_world_metric(folder)
     figures = metric_zero_shot(metric, 60 if quick else 600, seed)
     log(f"metric model done ({time.time() - start:.0f} s)")
     base = load_world_pipeline(folder)
-    figures += base_model(base, 8 if quick else 200, seed)
+    figures += base_model(base, 8 if quick else 200, seed, steps=steps)
     log(f"base model done ({time.time() - start:.0f} s)")
     templates = CHECK_CONTEXTS[:2] if quick else CHECK_CONTEXTS
     images = 2 if quick else 8
@@ -210,12 +214,12 @@ def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=
         pipe = load_world_pipeline(folder)
         apply_concept(pipe, folder / "concepts" / name)
         pipes[name] = pipe
-        figures += concept_samplers(pipe, name, images, templates)
+        figures += concept_samplers(pipe, name, images, templates, steps)
         log(f"concept {name} done ({time.time() - start:.0f} s)")
-    sweep_figures, points = mixed_sweep(pipes, metric, list(CONCEPTS), 2 if quick else 4, templates)
+    sweep_figures, points = mixed_sweep(pipes, metric, list(CONCEPTS), 2 if quick else 4, templates, steps)
     figures += sweep_figures
     record = {"figures": [f.row() for f in figures], "sweep": points, "all_ok": all(f.ok for f in figures),
-              "seconds": round(time.time() - start, 1), "quick": quick}
+              "seconds": round(time.time() - start, 1), "quick": quick, "steps": steps}
     world_json = folder / "world.json"
     if world_json.is_file():
         world = json.loads(world_json.read_text())
