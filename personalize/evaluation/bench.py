@@ -17,7 +17,6 @@ imports this module to build its parser.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics

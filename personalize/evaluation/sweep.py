@@ -24,14 +24,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from personalize.errors import UserError
-from personalize.evaluation.sweep_config import Setting, SweepConcept, SweepConfig, load_config
+from personalize.evaluation.sweep_config import Setting, SweepConcept, SweepConfig
 
 RESULTS = "results.csv"
 PARTS = "parts"

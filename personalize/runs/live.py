@@ -13,12 +13,10 @@ world (docs/world.md), judged for concept and context.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from personalize.errors import UserError
@@ -26,8 +24,7 @@ from personalize.runs import request as runs
 from personalize.runs.lab import Concept, Finished, Lab, StepUpdate
 from personalize.runs.runcard import run_card, write_run
 from personalize.sampling import engine
-from personalize.sampling.backbones import backbone
-from personalize.sampling.samplers import C, ROW_ORDER, S, SAMPLERS, U, SamplerConfig, default_for, plan
+from personalize.sampling.samplers import SAMPLERS, SamplerConfig, default_for, plan
 
 ENDS = ("concept", "superclass")   # the two ends every sampler sits between
 SWEEP_POINTS = 8
@@ -135,8 +132,9 @@ def is_linear(config: SamplerConfig) -> bool:
 
 def run_points(pipe, prompts, configs: list[SamplerConfig], *, seed: int, height: int | None = None,
                width: int | None = None, negative_prompt: str = "") -> list[engine.RunResult]:
-    """One image per config, all from the same seed, as `engine.run` would make each; every
-    step evaluates the union of the configs' rows once and combines them per config.
+    """One image per config, all from the same seed, as `engine.run` would make each: the
+    configs are lanes of one loop, whose every step evaluates the union of their rows once
+    and combines them per config.
 
     The configs' plans must be linear (`is_linear`) and of the same number of steps."""
     if not configs:
@@ -145,43 +143,11 @@ def run_points(pipe, prompts, configs: list[SamplerConfig], *, seed: int, height
         raise UserError("run_points: the configs must have the same number of steps")
     if not all(is_linear(c) for c in configs):
         raise UserError("run_points: masked, ProFusion and Photoswap plans run one at a time")
-    started = time.perf_counter()
-    model = backbone(pipe)
-    plans = [plan(c) for c in configs]
-    n = len(configs)
-    default_height, default_width = model.default_size()
-    height, width = height or default_height, width or default_width
-    model.check_size(height, width)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    generators = [torch.Generator("cpu").manual_seed(seed) for _ in configs]
-    with torch.inference_mode():
-        # 1. Encode the prompts any plan uses
-        used = [b for b in ROW_ORDER if any(b in s.rows for p in plans for s in p)]
-        texts = {U: negative_prompt, C: prompts.concept, S: prompts.superclass}
-        conds = {b: model.encode(texts[b], negative=b == U, size=(height, width)) for b in used}
-        # 2. Timesteps, 3. latents: each config's from its own generator, as engine.run draws them
-        scheduler.set_timesteps(configs[0].steps, device=model.device)
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators[0], 0.0)
-        output_index = model.step_output(len(scheduler.timesteps))
-        dtype = conds[used[0]]["encoder_hidden_states"].dtype
-        latents = torch.cat([model.prepare_latents(1, height, width, dtype, g) for g in generators])
-        # 4. Denoising loop: the union of rows once, each config's rule on its own row
-        rows = [0] * n
-        step_rows: list[list[int]] = [[] for _ in configs]
-        for i, t in enumerate(scheduler.timesteps):
-            union = tuple(b for b in ROW_ORDER if any(b in p[i].rows for p in plans))
-            e = dict(zip(union, engine.predict(model, scheduler, t, latents, union, conds)))
-            noise = torch.cat([engine.combine({b: e[b][k:k + 1] for b in p[i].rows}, p[i].weights)
-                               for k, p in enumerate(plans)])
-            latents = engine.advance(scheduler, noise, t, latents, extra_step_kwargs, output_index)
-            for k, p in enumerate(plans):
-                rows[k] += p[i].cost
-                step_rows[k].append(p[i].cost)
-        # 5. Decode once
-        images = model.decode(latents, generators[0])
-    seconds = (time.perf_counter() - started) / n
-    return [engine.RunResult([images[k]], latents[k:k + 1], rows[k], seconds, None, step_rows[k], (height, width))
-            for k in range(n)]
+    lanes = [engine.Lane(prompts, seed, plan(c)) for c in configs]
+    result = engine.denoise(pipe, lanes, height=height, width=width, negative_prompt=negative_prompt)
+    seconds = result.seconds / len(configs)
+    return [engine.RunResult([result.images[k]], result.latents[k:k + 1], result.rows[k], seconds, None,
+                             result.step_rows[k], result.size) for k in range(len(configs))]
 
 
 # ---------------------------------------------------------------------------------------

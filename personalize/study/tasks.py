@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import threading
-import sys
 import time
 import uuid
 from dataclasses import dataclass

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UserError
 from .data import check_images, to_tensor
-from .recipes import METHODS, Recipe, recipe as default_recipe
+from .recipes import Recipe, recipe as default_recipe
 
 # Which pipeline families each method trains on.
 APPLIES = {"svdiff": ("sd",), "textual-inversion": ("sd",), "dreambooth": ("sd", "sdxl"), "lora": ("sd", "sdxl")}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..concepts.apply import spectral_shift, spectral_weight
+from ..concepts.apply import spectral_shift
 
 SHIFTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 UNET_FILE = "spectral_shifts.safetensors"
