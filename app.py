@@ -22,7 +22,8 @@ from ui.compare import create_compare
 from ui.concept_tab import create_concept
 from ui.explore import create_explore
 from ui.guide import create_guide
-from ui.serving import launch_settings, queue_settings, start_cleaner, study_storage_warning
+from ui import gpu
+from ui.serving import launch_settings, queue_settings, start_cleaner, study_storage_warning, trust_proxy
 from ui.session import Session
 from ui.train_tab import create_train
 
@@ -100,9 +101,18 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    prepare_serving(lab)
     start_cleaner()
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
                 **launch_settings(lab, args.study))
+
+
+def prepare_serving(lab: Lab, *, zero_gpu: bool | None = None) -> None:
+    """Before serving: rates count per visitor behind a Space's proxy, and on ZeroGPU the
+    pipeline is loaded now, outside the forked GPU workers."""
+    trust_proxy()
+    if gpu.ZERO_GPU if zero_gpu is None else zero_gpu:
+        lab.preload()
 
 
 def make_lab(args) -> Lab:

@@ -341,3 +341,30 @@ def test_study_banner_when_answers_would_be_wiped(monkeypatch, tmp_path):
     assert "wiped when the Space restarts" in study_storage_warning(study)
     monkeypatch.setenv("PERSONALIZE_STUDY_DB", str(tmp_path / "answers.sqlite"))
     assert study_storage_warning(study) is None
+
+
+def test_behind_a_space_proxy_rates_count_per_visitor(monkeypatch):
+    from ui.serving import trust_proxy
+
+    env = {"SPACE_ID": "me/app"}
+    trust_proxy(env)
+    assert env["FORWARDED_ALLOW_IPS"] == "*"          # uvicorn reads X-Forwarded-For from the proxy
+    env = {"SPACE_ID": "me/app", "FORWARDED_ALLOW_IPS": "10.0.0.1"}
+    trust_proxy(env)
+    assert env["FORWARDED_ALLOW_IPS"] == "10.0.0.1"   # an explicit setting is kept
+    env = {}
+    trust_proxy(env)
+    assert env == {}                                  # locally: uvicorn's default (loopback only)
+
+
+def test_zero_gpu_loads_the_pipeline_when_the_app_starts(demo_dir, monkeypatch):
+    from app import prepare_serving
+    from personalize.models import loading
+    from personalize.runs.lab import Lab
+
+    monkeypatch.setattr(loading, "_cache", {})
+    lab = Lab(str(demo_dir), try_study_model=False)
+    prepare_serving(lab, zero_gpu=False)
+    assert loading._cache == {}                       # elsewhere the first run loads it
+    prepare_serving(lab, zero_gpu=True)
+    assert list(loading._cache) == [(lab.model, lab.device, lab.dtype, lab.scheduler)]

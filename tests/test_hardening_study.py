@@ -119,3 +119,27 @@ def test_wrong_password_waits_and_lone_surrogates_are_refused_cleanly(study, adm
         assert time.monotonic() - start >= 0.2 * 2 ** k               # doubled for each failure in a row
     assert study.admin_report(PASSWORD, resamples=10)["answers"] == 0
     assert study_tasks._failures["count"] == 0                         # a success resets the delay
+
+
+def test_answers_over_the_web_are_rate_limited_per_participant(made, tmp_path):
+    now = [0.0]
+    study = Study(fresh_copy(made["study"], tmp_path / "study"), answers_per_minute=3, clock=lambda: now[0])
+    alice, bob = study.new_participant(), study.new_participant()
+
+    def answer(token):
+        _, ticket = study.task_for(token)
+        return study.answer_ticket(token, ticket, ["1", "2", "1"])
+
+    for _ in range(3):
+        assert answer(alice)["stored"]
+    with pytest.raises(UserError, match="too many answers from one participant: at most 3 a minute"):
+        answer(alice)
+    assert study.store.count() == 3                       # the refused answer is not stored
+    assert answer(bob)["stored"]                          # another participant has their own rate
+    now[0] = 61.0
+    assert answer(alice)["stored"]
+    # the library's own `answer` (a script of the study's owner) is not limited
+    who = "anon:" + "a" * 32
+    for _ in range(5):
+        study.answer(who, study.next_task(who).task, ["1", "1", "1"])
+    assert study.store.count() == 5 + 5

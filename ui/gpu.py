@@ -5,6 +5,9 @@ try:  # pragma: no cover - only on Spaces
     import spaces
 
     gpu = spaces.GPU(duration=120)
+    ZERO_GPU = True
 except ImportError:
+    ZERO_GPU = False
+
     def gpu(fn):
         return fn

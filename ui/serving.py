@@ -12,15 +12,16 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.throttle import Throttle
 
 QUEUE_ENV = "PERSONALIZE_QUEUE_SIZE"          # waiting events, all users together
 RATE_ENV = "PERSONALIZE_RUNS_PER_MINUTE"      # generation requests per client and minute
+JOINS_ENV = "PERSONALIZE_STUDY_JOINS_PER_MINUTE"   # new study participants per client and minute
 KEEP_ENV = "PERSONALIZE_KEEP_RUNS_S"          # how long run folders and cached files are kept
-QUEUE_SIZE, RUNS_PER_MINUTE, KEEP_S = 32, 20, 3600
+QUEUE_SIZE, RUNS_PER_MINUTE, JOINS_PER_MINUTE, KEEP_S = 32, 20, 10, 3600
 TEMP_PREFIXES = ("personalize-run-", "personalize-refs-", "personalize-study-")
 
 
@@ -91,32 +92,31 @@ def start_cleaner(every_s: float = 600) -> threading.Thread:
     return thread
 
 
-class RateLimit:
-    """At most `per_minute` requests per client (its address) in any 60 s; a bounded
-    table, so that many addresses cannot fill the memory."""
+class RateLimit(Throttle):
+    """At most `per_minute` requests per client in any 60 s. The client is the address the
+    server sees; behind a proxy that is the proxy's, so a Space sets FORWARDED_ALLOW_IPS
+    (`trust_proxy`) and uvicorn puts the client's own address, from X-Forwarded-For, in
+    its place."""
 
-    def __init__(self, per_minute: int | None = None, *, clients: int = 10_000, clock=time.monotonic):
-        self.per_minute = setting(RATE_ENV, RUNS_PER_MINUTE) if per_minute is None else per_minute
-        self.clients, self.clock = clients, clock
-        self.seen: OrderedDict[str, list[float]] = OrderedDict()
-        self.lock = threading.Lock()
+    def __init__(self, per_minute: int | None = None, *, env: str = RATE_ENV, default: int = RUNS_PER_MINUTE,
+                 what: str = "runs", clients: int = 10_000, clock=time.monotonic):
+        super().__init__(setting(env, default) if per_minute is None else per_minute, what=what, keys=clients,
+                         clock=clock)
 
     def check(self, request) -> None:
         """UserError when the client of this gr.Request (None: a call from Python) is over its rate."""
         client = getattr(getattr(request, "client", None), "host", None)
-        if client is None:
-            return
-        now = self.clock()
-        with self.lock:
-            times = [t for t in self.seen.pop(client, []) if now - t < 60]
-            if len(times) >= self.per_minute:
-                self.seen[client] = times
-                raise UserError(f"too many runs: at most {self.per_minute} a minute from one client; "
-                                f"try again in {60 - (now - times[0]):.0f} s")
-            times.append(now)
-            self.seen[client] = times
-            while len(self.seen) > self.clients:
-                self.seen.popitem(last=False)
+        if client is not None:
+            self.take(client)
+
+
+def trust_proxy(environ=os.environ) -> None:
+    """On a Hugging Face Space every request comes through its proxy: let uvicorn read the
+    client's address from X-Forwarded-For (FORWARDED_ALLOW_IPS), so that rates count per
+    visitor, not for everyone at once. Elsewhere uvicorn trusts the header from loopback
+    only (its default); an explicit FORWARDED_ALLOW_IPS is kept."""
+    if environ.get("SPACE_ID") and not environ.get("FORWARDED_ALLOW_IPS"):
+        environ["FORWARDED_ALLOW_IPS"] = "*"
 
 
 def study_storage_warning(study) -> str | None:

@@ -20,6 +20,7 @@ from personalize.errors import UserError
 from personalize.study.tasks import QUESTION_TEXT, QUESTIONS, Study, format_report
 
 from .errors import shown
+from .serving import JOINS_ENV, JOINS_PER_MINUTE, RateLimit
 
 CHOICES = [("1", "1"), ("2", "2"), ("Can't decide", "cant_decide")]
 INTRO = ("**User study.** Each task shows an original image of a subject, a text prompt, and two generated "
@@ -51,7 +52,9 @@ def task_outputs(study: Study, participant: str) -> tuple:
             {"id": shown_.task, "participant": participant, "since": time.time()})
 
 
-def create_study(study: Study):
+def create_study(study: Study, joins: RateLimit | None = None):
+    """The Study tab and the study's web API; `joins` bounds new participants per client."""
+    joins = joins or RateLimit(env=JOINS_ENV, default=JOINS_PER_MINUTE, what="new participants")
     with gr.Tab("Study"):
         stored_id = gr.BrowserState(None, storage_key=f"personalize-study-{study.data['id'][:12]}",
                                     secret=study.browser_secret())
@@ -110,7 +113,8 @@ def create_study(study: Study):
             participant, _ = participant_id(study, stored, profile)
             if participant != task.get("participant"):
                 raise UserError("this task was given to another participant; reload the page")
-            study.answer(participant, task["id"], [q_ts, q_is, q_all], seconds=time.time() - task["since"])
+            study.served_answer(participant, task["id"], [q_ts, q_is, q_all],
+                                 seconds=time.time() - task["since"])
             outputs = task_outputs(study, participant)
         except UserError as e:
             raise shown(e) from None
@@ -133,9 +137,13 @@ def create_study(study: Study):
     show.click(admin, [admin_password], [report_text, report_json, export], api_visibility="private",
                concurrency_id="study_report", concurrency_limit=1)
 
-    def study_join():
+    def study_join(request: gr.Request = None):
         """A new participant token, signed by the server: give it to /study_task and
         /study_answer for the whole study."""
+        try:
+            joins.check(request)
+        except UserError as e:
+            raise shown(e) from None
         return study.new_participant()
 
     def study_task(participant):

@@ -14,7 +14,8 @@ from PIL import Image, UnidentifiedImageError
 
 from personalize.runs import request as runs
 from personalize.errors import UserError
-from personalize.models.loading import STUDY_MODEL, check_model, default_model, model_size, read_concept_json
+from personalize.models.loading import (STUDY_MODEL, check_model, default_model, load_pipeline, model_size,
+                                        read_concept_json)
 from personalize.models.loading import study_model_available  # noqa: F401  (re-exported)
 from personalize.runs.preview import latents_to_rgb, map_to_image
 
@@ -86,6 +87,12 @@ class Lab:
         self.concepts_root = Path(concepts_dir).expanduser().resolve() if concepts_dir else None
         self.offered = {str(Path(concept).expanduser().resolve())} if concept else set()
         self._references_dir: str | None = None
+
+    def preload(self):
+        """Load the base pipeline now (it is otherwise loaded by the first run). On a ZeroGPU
+        Space this must happen when the app starts: each run is a forked worker that
+        would load it again."""
+        return load_pipeline(self.model, device=self.device, dtype=self.dtype, scheduler=self.scheduler)
 
     # -- describing ---------------------------------------------------------------------
     def banner(self) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from personalize.errors import UserError
 from personalize.images import IMAGE_SUFFIXES, image_files
+from personalize.throttle import Throttle
 from personalize.study.store import ANSWERS, QUESTIONS, Store, default_db_path
 
 FORMAT = "personalize-study/1"
@@ -43,6 +44,8 @@ TASKS = "tasks.json"
 MEDIA = "media"
 ADMIN_ENV = "PERSONALIZE_ADMIN_PASSWORD"
 SECRET_ENV = "PERSONALIZE_STUDY_SECRET"   # signs participant tokens; else a key kept in the answers file
+ANSWERS_ENV = "PERSONALIZE_STUDY_ANSWERS_PER_MINUTE"   # answers over the web per participant and minute
+ANSWERS_PER_MINUTE = 20                   # a person reads three questions and two images per answer
 QUESTION_TEXT = {
     "ts": "Which image is more consistent with the text prompt?",
     "is": "Which image better represents the original image?",
@@ -452,7 +455,8 @@ class Shown:
 
 
 class Study:
-    def __init__(self, folder: str | Path, db: str | Path | None = None):
+    def __init__(self, folder: str | Path, db: str | Path | None = None, *, answers_per_minute: int | None = None,
+                 clock=time.monotonic):
         self.folder = Path(folder).resolve()
         path = self.folder / TASKS
         if not path.is_file():
@@ -469,6 +473,8 @@ class Study:
         self.order = list(data["tasks"])
         self.schedule = {**SCHEDULE, **data.get("schedule", {})}
         self.store = Store(db or default_db_path(self.folder, data["id"]), data["id"])
+        rate = answers_per_minute or _whole_setting(ANSWERS_ENV, ANSWERS_PER_MINUTE)
+        self.answer_rate = Throttle(rate, what="answers from one participant", clock=clock)
 
     @property
     def total(self) -> int:
@@ -603,6 +609,13 @@ class Study:
         assigned to them (its ticket); everything is checked before anything is stored."""
         participant = self.participant(token)
         task_id = self.assigned(participant, ticket)
+        return self.served_answer(participant, task_id, answers, seconds)
+
+    def served_answer(self, participant: str, task_id: str, answers, seconds: float | None = None) -> dict:
+        """`answer` for an answer that came over the web (the page or /study_answer): at
+        most `answer_rate` a minute per participant, so that no one fills the study with
+        answers faster than a person gives them."""
+        self.answer_rate.take(check_participant(participant))
         return self.answer(participant, task_id, answers, seconds)
 
     # -- results ------------------------------------------------------------------------
@@ -799,3 +812,12 @@ def format_report(r: dict) -> str:
         c = r["self_consistency"][q]
         lines.append(f"  {QUESTION_LABEL[q]:<4} {_num(c['share'])} ({c['same']} of {c['repeats']})")
     return "\n".join(lines)
+
+
+def _whole_setting(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{name}: {text!r} is not a whole number of at least 1")
+    return int(text)
