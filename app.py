@@ -23,7 +23,8 @@ from ui.concept_tab import create_concept
 from ui.explore import create_explore
 from ui.guide import create_guide
 from ui import gpu
-from ui.serving import launch_settings, queue_settings, start_cleaner, study_storage_warning, trust_proxy
+from ui.serving import (blocks_settings, launch_settings, queue_settings, start_cleaner, study_storage_warning,
+                        trust_proxy)
 from ui.session import Session
 from ui.train_tab import create_train
 
@@ -48,7 +49,7 @@ def build_app(lab: Lab, study_dir=None) -> gr.Blocks:
         study = Study(study_dir)
     live = Live(lab)
     start = {"steps": WORLD_STEPS, "prompt": "a {} on the beach"} if live.world else {}
-    with gr.Blocks(title="personalize: sampling for personalized text-to-image") as demo:
+    with gr.Blocks(title="personalize: sampling for personalized text-to-image", **blocks_settings()) as demo:
         gr.Markdown("**personalize** · which sampler gives your fine-tuned concept the best balance of concept "
                     "fidelity and prompt following?")
         if study is not None and (warning := study_storage_warning(study)):
@@ -124,3 +125,7 @@ def make_lab(args) -> Lab:
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     return live_lab(args.model, concept=args.concept, concept_phrase=args.concept_phrase,
                     superclass=args.superclass, device=device, dtype=dtype, concepts_dir=args.concepts_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -318,14 +318,22 @@ def test_old_run_folders_are_cleaned(tmp_path):
 
 
 def test_launch_serves_exact_files_and_bounds_queue_and_cache(lab, monkeypatch):
-    from ui.serving import launch_settings, queue_settings
+    import inspect
+    from pathlib import Path
+
+    import gradio as gr
+
+    from ui.serving import blocks_settings, launch_settings, queue_settings
 
     monkeypatch.setenv("PERSONALIZE_QUEUE_SIZE", "5")
     assert queue_settings() == {"default_concurrency_limit": 1, "max_size": 5}
     settings = launch_settings(lab)
-    from pathlib import Path
     assert settings["allowed_paths"] and all(Path(p).is_file() for p in settings["allowed_paths"])
-    assert settings["delete_cache"][1] == 3600
+    assert blocks_settings()["delete_cache"][1] == 3600
+    # each setting goes where this gradio takes it (`python app.py` once failed on delete_cache)
+    assert set(settings) <= set(inspect.signature(gr.Blocks.launch).parameters)
+    assert set(blocks_settings()) <= set(inspect.signature(gr.Blocks.__init__).parameters)
+    assert set(queue_settings()) <= set(inspect.signature(gr.Blocks.queue).parameters)
 
 
 def test_study_banner_when_answers_would_be_wiped(monkeypatch, tmp_path):

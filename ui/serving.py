@@ -44,19 +44,22 @@ def queue_settings() -> dict:
     return {"default_concurrency_limit": 1, "max_size": setting(QUEUE_ENV, QUEUE_SIZE)}
 
 
+def blocks_settings() -> dict:
+    """`gr.Blocks(**blocks_settings())`: gradio's cache cleaned of files older than KEEP_S."""
+    keep = setting(KEEP_ENV, KEEP_S)
+    return {"delete_cache": (min(keep, 3600), keep)}
+
+
 def launch_settings(lab, study_dir=None) -> dict:
     """`demo.launch(**launch_settings(lab, study_dir), ...)`: the exact files the app may
     serve (the default concept's reference images, the study's media folder, never a
-    reference's whole folder), gradio's cache cleaned of files older than KEEP_S, and the
-    upload limit."""
+    reference's whole folder) and the upload limit."""
     from personalize.study.tasks import served_folders
 
-    keep = setting(KEEP_ENV, KEEP_S)
     served = served_files(lab)
     if study_dir is not None:
         served += served_folders(study_dir)   # media/ holds only the study's images
-    return {"allowed_paths": served, "delete_cache": (min(keep, 3600), keep),
-            "max_file_size": f"{lab.max_upload_mb}mb"}
+    return {"allowed_paths": served, "max_file_size": f"{lab.max_upload_mb}mb"}
 
 
 def served_files(lab) -> list[str]:
