@@ -1,6 +1,7 @@
 """The study in the launched app (`app.py --study`), driven through its web API by many
 gradio_client participants at once; a restart; the admin report; refusals."""
 
+import itertools
 import os
 import socket
 import threading
@@ -62,10 +63,18 @@ def server(tmp_path_factory):
         os.environ["PERSONALIZE_ADMIN_PASSWORD"] = old
 
 
+_visitors = itertools.count(1)
+
+
 def client(url) -> Client:
+    """A client as a new visitor: its own address (X-Forwarded-For, which the server trusts
+    from loopback as a Space trusts its proxy), so that per-client rates such as new
+    participants per minute count each visitor apart."""
     # Plain http on localhost: with ssl_verify on, gradio_client builds a certificate store
     # for every request, which costs more CPU than the whole server side of this test.
-    return Client(url, verbose=False, download_files=False, ssl_verify=False)
+    k = next(_visitors)
+    return Client(url, verbose=False, download_files=False, ssl_verify=False,
+                  headers={"X-Forwarded-For": f"10.1.{k // 250}.{k % 250 + 1}"})
 
 
 @pytest.fixture(scope="module")
