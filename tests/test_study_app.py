@@ -17,7 +17,7 @@ from personalize.study.tasks import Study, served_folders
 from .study_helpers import demo_study, fresh_copy
 
 PASSWORD = "correct horse battery staple"
-PARTICIPANTS, ANSWERS_EACH = 20, 10
+PARTICIPANTS, ANSWERS_EACH = 16, 8
 
 
 def free_port() -> int:
