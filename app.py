@@ -12,22 +12,28 @@ import copy
 import sys
 
 import gradio as gr
+import torch
 
 from personalize.errors import UserError
 from personalize.runs.lab import Lab
 from personalize.runs.live import Live
 from personalize.runs.live import make_lab as live_lab
+from ui import gpu
 from ui.api import create_api
 from ui.compare import create_compare
 from ui.concept_tab import create_concept
 from ui.explore import create_explore
 from ui.guide import create_guide
-from ui import gpu
-from ui.serving import (blocks_settings, launch_settings, queue_settings, start_cleaner, study_storage_warning,
-                        trust_proxy)
+from ui.serving import (
+    blocks_settings,
+    launch_settings,
+    queue_settings,
+    start_cleaner,
+    study_storage_warning,
+    trust_proxy,
+)
 from ui.session import Session
 from ui.train_tab import create_train
-
 
 # Page styles (pass to `launch(css=CSS)`): compact text beside the images; small images
 # stay sharp when shown large; the study's three images at one display size.
@@ -119,7 +125,6 @@ def prepare_serving(lab: Lab, *, zero_gpu: bool | None = None) -> None:
 def make_lab(args) -> Lab:
     """The app's Lab from the command line (`personalize.runs.live.make_lab`): the device
     is cuda (float16) where a GPU is present, else cpu."""
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")

@@ -11,7 +11,7 @@ from personalize.models import loading
 @pytest.fixture
 def demo_path(tmp_path, monkeypatch):
     path = tmp_path / "demo"
-    monkeypatch.setattr("personalize.models.demo.ensure_demo_model", lambda: path)
+    monkeypatch.setattr(loading, "ensure_demo_model", lambda: path)
     return path
 
 

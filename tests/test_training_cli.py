@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from personalize.concepts import apply_concept
 from personalize.errors import UserError
-from personalize.training import cli, train_concept
+from personalize.cli import train as cli
+from personalize.training import train_concept
 from personalize.training.bench import training_bench
 from tests.test_training import SIZE, star_images
 

@@ -130,3 +130,31 @@ def test_decoder_finetune_keeps_the_encoder_and_weighs_objects():
     assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
     assert any(not torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_snr_normal_timesteps_favour_the_middle_of_the_schedule():
+    scheduler = models.ddpm_scheduler()
+    p = build.timestep_distribution(scheduler)
+    assert torch.isclose(p.sum(), torch.tensor(1.0), atol=1e-5) and (p > 0).all()
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    middle = (snr > 0.1) & (snr < 10)
+    # uniform draws give the SNR 0.1..10 band its share of timesteps; this distribution much more
+    assert p[middle].sum() > middle.float().mean() + 0.2
+    assert p[snr < 0.03].sum() < (snr < 0.03).float().mean() / 2
+
+
+def test_latent_weight_map_weighs_the_object_patches():
+    masks = np.zeros((2, 64, 64), bool)
+    masks[0, 20:40, 24:44] = True          # a 20 px box: latent pixels 5..9 x 6..10
+    w = build.latent_weight_map(masks, 3.0)
+    assert w.shape == (2, 1, 16, 16)
+    assert torch.all(w[1] == 1.0)
+    assert torch.all(w[0, 0, 5:10, 6:11] == 3.0) and w[0, 0, 0, 0] == 1.0 and w[0, 0, 12, 12] == 1.0
+    assert int((w[0] == 3.0).sum()) == 25
+
+
+def test_denoiser_training_refuses_an_unknown_timestep_rule():
+    size = dataclasses.replace(build.QUICK, timesteps="lognormal", denoiser_steps=1)
+    with pytest.raises(ValueError, match="timesteps"):
+        build.train_denoiser(torch.zeros(2, 8, 16, 16), torch.zeros(2, 8, 16, 16), 1.0, ["", ""], None, size, 0)

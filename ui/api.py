@@ -7,9 +7,8 @@ import gradio as gr
 
 from personalize.errors import UserError
 from personalize.runs.lab import Lab
-from personalize.sampling.samplers import SAMPLERS
-
 from personalize.runs.recording import compare_runs, parse_json_object, record_run
+from personalize.sampling.samplers import SAMPLERS
 
 from .errors import shown
 from .gpu import gpu

@@ -6,6 +6,7 @@ import gradio as gr
 
 from personalize.errors import UserError
 from personalize.runs.lab import MAX_REFERENCES, Lab
+
 from .errors import shown
 
 

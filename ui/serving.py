@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.study.store import SPACES_STORAGE
+from personalize.study.tasks import served_folders
 from personalize.throttle import Throttle
 
 QUEUE_ENV = "PERSONALIZE_QUEUE_SIZE"          # waiting events, all users together
@@ -54,7 +56,6 @@ def launch_settings(lab, study_dir=None) -> dict:
     """`demo.launch(**launch_settings(lab, study_dir), ...)`: the exact files the app may
     serve (the default concept's reference images, the study's media folder, never a
     reference's whole folder) and the upload limit."""
-    from personalize.study.tasks import served_folders
 
     served = served_files(lab)
     if study_dir is not None:
@@ -126,7 +127,6 @@ def study_storage_warning(study) -> str | None:
     """A banner for every page when the study's answers would be lost on restart: on a
     Space (SPACE_ID set) with the answers file neither under persistent storage (/data)
     nor at a path set by PERSONALIZE_STUDY_DB. None when they are safe."""
-    from personalize.study.store import SPACES_STORAGE
 
     if not os.environ.get("SPACE_ID") or os.environ.get("PERSONALIZE_STUDY_DB"):
         return None

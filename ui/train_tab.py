@@ -13,8 +13,16 @@ from personalize.models.loading import load_pipeline
 from personalize.runs.lab import Concept, Lab
 from personalize.runs.request import use_concept
 from personalize.training import METHODS, recipe
-from personalize.training.jobs import (MAX_PHOTO_MB, MAX_PHOTOS, MAX_STEPS, MIN_PHOTOS, Progress, Trained,
-                                       check_request, stream_training)
+from personalize.training.jobs import (
+    MAX_PHOTO_MB,
+    MAX_PHOTOS,
+    MAX_STEPS,
+    MIN_PHOTOS,
+    Progress,
+    Trained,
+    check_request,
+    stream_training,
+)
 
 from .errors import shown
 from .gpu import gpu

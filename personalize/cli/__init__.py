@@ -1,15 +1,17 @@
 """The command line, `personalize VERB ...` (or `python -m personalize VERB ...`).
 
 Every verb is a module with `add_arguments(parser)` and `command(args) -> int`, listed by
-module path in `VERBS`. A verb module keeps heavy imports (torch, diffusers) inside
-`command`, so building the parser stays cheap. A verb whose module is not installed is
-still listed and answers that it is not available yet.
+module path in `VERBS`. Only the module of the verb on the command line is imported:
+library modules import torch and diffusers at their top, and `personalize --help` should
+not wait for them. A verb whose module is not installed is still listed and answers that
+it is not available yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -24,9 +26,9 @@ VERBS = {
     "pareto": ("personalize.cli.pareto", "the IS/TS chart with one curve per sampler and the frontier"),
     "study": ("personalize.cli.study", "pairwise user study: build, demo, report"),
     "bench": ("personalize.cli.bench", "the performance benchmark"),
-    "train": ("personalize.training.cli", "fine-tune a concept"),
-    "world": ("personalize.world.cli", "the world model"),
-    "reproduce": ("personalize.evaluation.reproduce", "reproduce the study's figures"),
+    "train": ("personalize.cli.train", "fine-tune a concept"),
+    "world": ("personalize.cli.world", "the world model"),
+    "reproduce": ("personalize.cli.reproduce", "reproduce the study's figures"),
 }
 
 
@@ -47,21 +49,38 @@ def load_verb(module: str):
         return None
 
 
-def build_parser() -> Parser:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def chosen_verb(argv: list[str]) -> str | None:
+    """The verb named on a command line (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(verb: str | None = None) -> Parser:
+    """The parser with every verb listed; `verb`'s own options are added when it is named
+    (all verbs' options when it is None)."""
     parser = Parser(prog="personalize", description="Sampling methods for personalized text-to-image models.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
-    for verb, (module, help_) in VERBS.items():
-        found = load_verb(module)
-        p = verbs.add_parser(verb, help=help_ if found is not None else f"{help_} (not available yet)")
-        if found is not None:
-            found.add_arguments(p)
+    for name, (module, help_) in VERBS.items():
+        found = _installed(module)
+        p = verbs.add_parser(name, help=help_ if found else f"{help_} (not available yet)")
+        if found and verb in (None, name):
+            loaded = load_verb(module)
+            if loaded is not None:
+                loaded.add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(chosen_verb(argv) or "").parse_args(argv)
         module = load_verb(VERBS[args.verb][0])
         if module is None:
             raise UserError(f"{args.verb}: this verb is not available yet")

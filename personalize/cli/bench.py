@@ -9,6 +9,10 @@ import sys
 
 from personalize.errors import UserError
 from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
+from personalize.models.architectures import ARCHITECTURES, build_pipeline
+from personalize.models.loading import check_device, load_pipeline
+from personalize.sampling.samplers import SAMPLERS
+from personalize.training.recipes import METHODS, recipe
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +56,6 @@ def command(args) -> int:
 def check_args(args) -> list[str]:
     """Check every option that can be checked before a model is built; returns the
     sampler names to time."""
-    from personalize.sampling.samplers import SAMPLERS
 
     if args.model is not None and args.arch is not None:
         raise UserError("bench: give --model (a pipeline to time) or --arch (a random-weight architecture), not both")
@@ -75,7 +78,6 @@ def check_args(args) -> list[str]:
 
 def check_training_args(args) -> list[str]:
     """The training methods to time (empty with --no-training)."""
-    from personalize.training.recipes import METHODS, recipe
 
     if args.no_training:
         return []
@@ -95,12 +97,10 @@ def check_training_args(args) -> list[str]:
 
 def load(args):
     """The pipeline to time and how the report names it."""
-    from personalize.models.loading import check_device, load_pipeline
 
     if args.model is not None:
         # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.
         return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler="ddim"), args.model
-    from personalize.models.architectures import ARCHITECTURES, build_pipeline
 
     device, dtype = check_device(args.device, args.dtype)
     arch = ARCHITECTURES[args.arch or "mid"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from personalize.models.demo import write_demo_model
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("out")
 
 
 def command(args) -> int:
-    from personalize.models.demo import write_demo_model
-
     out = write_demo_model(args.out)
     print(f"demo model written to {out}")
     return 0

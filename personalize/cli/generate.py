@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from personalize.errors import UserError
+from personalize.runs.request import Request, check, execute
+from personalize.runs.runcard import StepRecorder, check_out_dir, write_run
 
 
 def add_arguments(g) -> None:
@@ -48,9 +50,6 @@ def parse_set(items: list[str]) -> dict:
 
 
 def command(args) -> int:
-    from personalize.runs.request import Request, check, execute
-    from personalize.runs.runcard import StepRecorder, check_out_dir, write_run
-
     req = Request(prompt=args.prompt, sampler=args.sampler, params=parse_set(args.set), model=args.model,
                   concept=args.concept, concept_scale=args.concept_scale, concept_phrase=args.concept_phrase,
                   superclass=args.superclass, negative_prompt=args.negative_prompt, steps=args.steps,

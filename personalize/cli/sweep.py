@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from personalize.evaluation.sweep import RESULTS, dry_run, run_sweep
 from personalize.evaluation.sweep_config import load_config
 
@@ -39,7 +41,6 @@ def command(args) -> int:
 
 def _end_processes() -> None:
     """Leave the process group of `accelerate launch` cleanly (torch warns at exit otherwise)."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -17,15 +17,26 @@ imports this module to build its parser.
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import statistics
-import sys
-import threading
 import time
 from dataclasses import dataclass
 
+import diffusers
+import torch
+
 from personalize.errors import UserError
+from personalize.evaluation.memory import PeakMemory
+from personalize.models.demo import DEMO_CONCEPT
+from personalize.prompts import prompt_pair
+from personalize.sampling import engine
+from personalize.sampling.backbones import default_size
+from personalize.sampling.samplers import configure
+from personalize.training.bench import training_bench
+from personalize.training.loop import check_resolution
+from personalize.training.recipes import METHODS
 
 DIFFUSERS = "diffusers"           # the baseline's name in reports
 TEMPLATE = "a photo of a {} on the beach"
@@ -68,7 +79,6 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
     """Time diffusers' pipeline and the samplers `names` on `pipe`, then the training
     methods `training_methods` (None: every one; empty: none) for `training_steps` steps
     at the same size; returns the report (the `--json` object)."""
-    from personalize.sampling.backbones import default_size
 
     size = size or default_size(pipe)[0]
     train = training_methods is None or len(training_methods) > 0
@@ -104,8 +114,6 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
 
 
 def check_training_size(pipe, size: int) -> None:
-    from personalize.training.loop import check_resolution
-
     try:
         check_resolution(pipe, size)
     except UserError as e:
@@ -118,8 +126,6 @@ def run_training_bench(pipe, *, methods=None, steps: int = 3, resolution: int | 
     """`training_bench` on `pipe` for `methods` (None: every method), one after another in
     this process, with `training_ratios`; `reference` is the concept sampler's entry of the
     same run (for a step's cost in denoiser rows)."""
-    from personalize.training.bench import training_bench
-    from personalize.training.recipes import METHODS
 
     rows = training_bench(pipe, list(methods) if methods is not None else METHODS, steps, resolution=resolution,
                           seed=seed)
@@ -161,14 +167,7 @@ def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int) -> tu
     """name -> a function that generates one image and returns the denoiser rows it used,
     and sampler name -> its config: the defaults (step counts scaled to `steps` by
     `configure`, so every stage keeps its share of the trajectory and of the cost)."""
-    import inspect
 
-    import torch
-
-    from personalize.sampling import engine
-    from personalize.models.demo import DEMO_CONCEPT
-    from personalize.prompts import prompt_pair
-    from personalize.sampling.samplers import configure
 
     prompts = prompt_pair(TEMPLATE, DEMO_CONCEPT["phrase"], DEMO_CONCEPT["superclass"])
     # diffusers' own pipeline of the same family, on the very same component objects.
@@ -195,8 +194,6 @@ def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int) -> tu
 
 
 def measure(job, device: str) -> Measurement:
-    import torch
-
     cuda = str(device).startswith("cuda")
     with PeakMemory(cuda) as memory:
         if cuda:
@@ -207,76 +204,6 @@ def measure(job, device: str) -> Measurement:
             torch.cuda.synchronize()  # kernels run asynchronously; wait for the last one
         seconds = time.perf_counter() - started
     return Measurement(seconds, rows, memory.peak)
-
-
-class PeakMemory:
-    """Context manager: `peak` is the most memory in use while its block ran, in bytes,
-    and `start` the memory in use when it began.
-
-    CUDA: torch's max allocated. Otherwise the process's resident set size, read by a
-    thread every few milliseconds (no dependency needed on Linux)."""
-
-    INTERVAL_S = 0.002
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.peak = self.start = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        release_free_memory()
-        self.peak = self.start = rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.INTERVAL_S):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-        return False
-
-
-def rss_bytes() -> int:
-    """The process's resident set size now."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        # No /proc (macOS): the lifetime peak is the best the standard library offers.
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def release_free_memory() -> None:
-    """Give freed memory back to the OS before a CPU measurement: glibc keeps freed heap
-    pages mapped, and each method's RSS peak would otherwise include earlier methods'.
-    (No gc.collect(): tensors are freed by reference counting, and a full collection
-    costs half a second with diffusers and transformers loaded.)"""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: RSS may then overstate a method's own peak
 
 
 # -- reporting ----------------------------------------------------------------------------
@@ -312,9 +239,6 @@ def ratios(report: dict) -> dict:
 
 
 def machine(device: str) -> dict:
-    import diffusers
-    import torch
-
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
     if str(device).startswith("cuda"):

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
+import timm
 import torch
+from torchvision import transforms as T
 
 from personalize.errors import UserError
 
@@ -80,7 +84,6 @@ def image_scores(gen_clip, ref_clip, ts_text, ts_class_text, gen_dino=None, ref_
 
 def clip_transform():
     """Bicubic resize of the short side to 224, center crop 224, CLIP mean/std."""
-    from torchvision import transforms as T
 
     return T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                       T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
@@ -89,7 +92,6 @@ def clip_transform():
 def folder_transform(config: dict):
     """The preprocessing an open_clip folder's config asks for: resize of the short side
     to the model's image size, center crop, the config's mean/std."""
-    from torchvision import transforms as T
 
     size = config["model_cfg"]["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
@@ -101,7 +103,6 @@ def folder_transform(config: dict):
 
 def dino_transform():
     """Bicubic resize to 256, center crop 224, ImageNet mean/std."""
-    from torchvision import transforms as T
 
     return T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -191,8 +192,6 @@ def load_metric_models(settings: MetricSettings) -> MetricModels:
 
 @functools.lru_cache(maxsize=2)
 def _load(settings: MetricSettings) -> MetricModels:
-    import open_clip
-
     random = []
     folder = Path(settings.clip).expanduser() if looks_like_path(settings.clip) else None
     if folder is not None and folder.is_dir():
@@ -228,9 +227,6 @@ def _load_dino(settings: MetricSettings):
 def _load_folder(settings: MetricSettings, folder: Path) -> MetricModels:
     """CLIP from a folder in open_clip's layout, with its preprocessing and tokenizer (the
     world's metric model). DINO as the settings say."""
-    import json
-
-    import open_clip
 
     try:
         with _quiet_logging():
@@ -254,8 +250,6 @@ def _expand(value: str) -> str:
 
 
 def _timm(name: str, pretrained: bool, file: str | None):
-    import timm
-
     # DINOv2's weights are for 518 px; the study feeds 224 px crops and interpolates the
     # position embeddings at run time, as the reference hub model does.
     extra = {"dynamic_img_size": True} if "dinov2" in name else {}

@@ -15,7 +15,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import plotly.graph_objects as go
+
 from personalize.errors import UserError
+from personalize.evaluation.sweep import KEY, RESULTS, read_rows
 
 AXES = {"is": "IS: CLIP image similarity", "dino": "DINO image similarity",
         "ts": "TS: CLIP text similarity (concept removed)", "ts_class": "TS with the class noun",
@@ -164,7 +167,6 @@ def figure(rows, *, x: str = "ts", y: str = "is", title: str | None = None):
     """The chart as a plotly Figure: a curve per sampler, the frontier over all points,
     hover with parameters, means and spreads. Random-weight metrics are labelled in the
     title and on every trace made from them."""
-    import plotly.graph_objects as go
 
     check_axes(x, y)
     points = summarize(rows, x, y)
@@ -212,7 +214,6 @@ def check_axes(x: str, y: str) -> None:
 
 def read_results(path: str | Path) -> list[dict]:
     """The rows of a sweep's results.csv (or of the sweep folder that holds it)."""
-    from personalize.evaluation.sweep import KEY, RESULTS, read_rows
 
     path = Path(path)
     if path.is_dir():

@@ -18,12 +18,25 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+import yaml
+from scipy.stats import spearmanr
+
+from personalize.concepts import apply_concept
 from personalize.errors import UserError
+from personalize.evaluation.pareto import AXES, curves, figure, pareto_front, summarize
+from personalize.evaluation.prompt_sets import WORLD
+from personalize.evaluation.sweep import RESULTS, read_rows, run_sweep
+from personalize.evaluation.sweep_config import is_world, load_config
+from personalize.prompts import prompt_pair
+from personalize.sampling.batched import Item, run_many
+from personalize.sampling.engine import run
+from personalize.sampling.samplers import configure
+from personalize.world.check import load_world_pipeline
 
 STEPS = 25          # the world's DDIM steps
 STUDY_STEPS = 50    # the study's grids are in steps of a 50-step run
@@ -63,8 +76,6 @@ def study_samplers(steps: int = STEPS, quick: bool = False) -> list[dict]:
 
 
 def study_config(world: Path, *, quick: bool, images: int, steps: int, batch_images: int) -> dict:
-    from personalize.evaluation.prompt_sets import WORLD
-
     concepts = ["star"] if quick else ["star", "ball"]
     prompts = [WORLD[0], WORLD[9]] if quick else list(WORLD)  # quick: one context, one colour prompt
     return {"model": str(world), "concepts": [{"name": c} for c in concepts], "prompts": prompts,
@@ -120,7 +131,6 @@ def point_table(rows: list[dict]) -> list[dict]:
 def spearman(a: list[float], b: list[float]) -> float:
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2 or any(v != v for v in list(a) + list(b)):
         return float("nan")  # undefined for a constant or incomplete series
-    from scipy.stats import spearmanr
 
     return float(spearmanr(a, b).statistic)
 
@@ -223,8 +233,6 @@ def charts(rows: list[dict]):
 
 
 def write_html(path: Path, chart_list) -> None:
-    from personalize.evaluation.pareto import figure
-
     parts = []
     for k, (stem, title, x, y, sub) in enumerate(chart_list):
         fig = figure(sub, x=x, y=y, title=title)
@@ -243,7 +251,6 @@ def write_pngs(folder: Path, chart_list) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no PNG charts (report.html has them all)"
-    from personalize.evaluation.pareto import AXES, curves, pareto_front, summarize
 
     folder.mkdir(parents=True, exist_ok=True)
     for stem, title, x, y, sub in chart_list:
@@ -311,10 +318,6 @@ def report_md(rows: list[dict], meta: dict, png_note: str | None, chart_list) ->
 def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images: int | None = None,
               steps: int | None = None, batch_images: int = 64, progress: bool = True) -> dict:
     """Run (or resume) the study's sweeps on `world` into `out/sweep`, then write the report."""
-    import yaml
-
-    from personalize.evaluation.sweep import RESULTS, read_rows, run_sweep
-    from personalize.evaluation.sweep_config import is_world, load_config
 
     world, out = Path(world).expanduser().resolve(), Path(out)
     if not is_world(world):
@@ -351,15 +354,6 @@ def throughput(world: str | Path, *, prompts: int = 4, images: int = 4, steps: i
     loop (all prompts and images in one loop), one `engine.run` per image (as `generate`
     runs), and diffusers' own pipeline once per prompt. Concept sampling (w = 7) is what
     diffusers' pipeline can run too."""
-    import torch
-
-    from personalize.concepts import apply_concept
-    from personalize.evaluation.prompt_sets import WORLD
-    from personalize.prompts import prompt_pair
-    from personalize.sampling.batched import Item, run_many
-    from personalize.sampling.engine import run
-    from personalize.sampling.samplers import configure
-    from personalize.world.check import load_world_pipeline
 
     world = Path(world)
     pipe = load_world_pipeline(world)
@@ -385,33 +379,3 @@ def throughput(world: str | Path, *, prompts: int = 4, images: int = 4, steps: i
             "sweep_images_per_s": n / batched, "generate_images_per_s": n / single,
             "diffusers_images_per_s": n / diffusers,
             "sweep_vs_generate": single / batched, "sweep_vs_diffusers": diffusers / batched}
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--world", default=None, help="the world folder (default: the shipped world)")
-    parser.add_argument("--out", required=True, help="the report folder (run again to resume)")
-    parser.add_argument("--quick", action="store_true", help="a handful of points, one concept, two prompts")
-    parser.add_argument("--images", type=int, default=None, help="images per prompt (default 10; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default {STEPS}; quick 4)")
-    parser.add_argument("--batch-images", type=int, default=64, help="images per denoiser batch")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def command(args) -> int:
-    world = args.world
-    if world is None:
-        from personalize.world.paths import shipped_world
-
-        world = shipped_world()
-        if world is None:
-            raise UserError("--world: no world is shipped here; build one with `personalize world build` "
-                            "and give its folder")
-    meta = reproduce(world, args.out, quick=args.quick, images=args.images, steps=args.steps,
-                     batch_images=args.batch_images, progress=not args.no_progress)
-    print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.html'} "
-          f"({meta['new_images']} new images, {meta['seconds']:.0f} s)", file=sys.stderr)
-    return 0

@@ -27,10 +27,22 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
 from personalize.errors import UserError
+from personalize.evaluation.metrics import image_scores, load_metric_models
 from personalize.evaluation.sweep_config import Setting, SweepConcept, SweepConfig
+from personalize.models.loading import check_model, load_pipeline, release_pipelines
+from personalize.prompts import prompt_pair, remove_concept
+from personalize.runs.request import Request, check, use_concept
+from personalize.sampling.batched import Item, run_many
+from personalize.world.judge import judge
+from personalize.world.scene import fill
 
 RESULTS = "results.csv"
 PARTS = "parts"
@@ -241,8 +253,6 @@ class Summary:
 
 
 def request_for(config: SweepConfig, job: Job, device: str, num_images: int):
-    from personalize.runs.request import Request
-
     return Request(prompt=job.prompt, sampler=job.point.sampler, params=job.point.values,
                    model=job.concept.model or config.model, concept=job.concept.weights,
                    concept_phrase=job.concept.phrase, superclass=job.concept.superclass,
@@ -254,15 +264,12 @@ def request_for(config: SweepConfig, job: Job, device: str, num_images: int):
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_jobs(config: SweepConfig, device: str) -> None:
     """Everything `runs.check` can say, once per (concept, sampler point), and every
     prompt of every concept: all before the first image."""
-    from personalize.prompts import prompt_pair
-    from personalize.runs.request import check
 
     for c in config.concepts:
         for template in c.prompts:
@@ -277,9 +284,6 @@ def check_jobs(config: SweepConfig, device: str) -> None:
 
 def process_state(device: str):
     """accelerate's view of the processes (one, unless started by `accelerate launch`)."""
-    from datetime import timedelta
-
-    from accelerate import PartialState
 
     # Processes that finish their share wait at the final barrier for the slowest one;
     # the default timeout (minutes) is far too short for a sweep of thousands of images.
@@ -290,7 +294,6 @@ def process_state(device: str):
 def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True, fail_after: int | None = None) -> Summary:
     """Compute the missing rows of `config` into `out`. `fail_after` (tests) raises after
     that many images were generated, before their rows are written, like a crash."""
-    from personalize.evaluation.metrics import load_metric_models
 
     started = time.perf_counter()
     out = Path(out)
@@ -337,8 +340,6 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True, fa
 
 
 def _progress(total: int, enabled: bool, state):
-    from tqdm.auto import tqdm
-
     desc = "sweep" if state.num_processes == 1 else f"sweep (process 1 of {state.num_processes}, its share)"
     # unit "img": tqdm shows images per second and the time left.
     return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
@@ -347,7 +348,6 @@ def _progress(total: int, enabled: bool, state):
 def _release_other_pipelines(model: str | None) -> None:
     """Concepts with their own pipeline (DreamBooth folders) come one after another in the
     grid: drop the other pipelines from the loading cache, or thirty of them would fill the GPU."""
-    from personalize.models.loading import check_model, release_pipelines  # torch: not at parser time
 
     if model is None:
         return
@@ -363,9 +363,6 @@ def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: s
     """One batch (jobs of one concept and sampler point, each with its missing images):
     every image through the denoiser together, the missing ones saved and scored, their
     rows."""
-    from personalize.models.loading import load_pipeline
-    from personalize.runs.request import check, use_concept
-    from personalize.sampling.batched import Item, run_many
 
     n = config.images_per_prompt
     first = batch[0][0]
@@ -373,7 +370,6 @@ def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: s
     req = prep.request
     pipe = load_pipeline(prep.model, device=req.device, dtype=req.dtype, scheduler=req.scheduler)
     use_concept(pipe, req.concept, prep.concept_phrase, req.concept_scale)
-    from personalize.prompts import prompt_pair
 
     items = [Item(prompt_pair(job.prompt, prep.concept_phrase, prep.superclass), job.seed) for job, _ in batch]
     results = run_many(pipe, items, prep.config, num_images=n, height=config.height, width=config.width,
@@ -412,8 +408,6 @@ def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: s
 def judge_columns(image, job: Job) -> dict:
     """The world judge's verdicts on one image (docs/world.md): concept shown, and context
     (or colour, for a colour prompt) as the prompt says; 0 or 1."""
-    from personalize.world.judge import judge
-    from personalize.world.scene import fill
 
     v = judge(image, fill(job.prompt, job.concept.phrase))
     context_ok = v.colour_ok if v.colour_ok is not None else v.context_ok
@@ -423,8 +417,6 @@ def judge_columns(image, job: Job) -> dict:
 
 def score_embedded(models, job: Job, gen_clip, gen_dino, cache: dict):
     """`score` for images already embedded."""
-    from personalize.evaluation.metrics import image_scores
-    from personalize.prompts import prompt_pair, remove_concept
 
     with_class = prompt_pair(job.prompt, job.concept.phrase, job.concept.superclass).superclass
     texts = (remove_concept(job.prompt), with_class)
@@ -436,8 +428,6 @@ def score_embedded(models, job: Job, gen_clip, gen_dino, cache: dict):
 def score(models, job: Job, images: list, cache: dict) -> tuple[tuple[str, str], dict[str, list[float]]]:
     """The TS texts (concept phrase removed; class noun in its place) and the per-image
     scores. Reference and text embeddings are computed once per process."""
-    from personalize.evaluation.metrics import image_scores
-    from personalize.prompts import prompt_pair, remove_concept
 
     with_class = prompt_pair(job.prompt, job.concept.phrase, job.concept.superclass).superclass
     texts = (remove_concept(job.prompt), with_class)

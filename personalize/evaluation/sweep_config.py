@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from PIL import Image
+
 from personalize.errors import UserError
+from personalize.evaluation.metrics import MetricSettings
+from personalize.evaluation.prompt_sets import SUBJECTS, resolve_prompts
 from personalize.images import IMAGE_SUFFIXES, image_files
+from personalize.models.loading import read_concept_json
+from personalize.sampling.samplers import SAMPLERS, configure
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
             "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images")
@@ -76,7 +83,6 @@ class SweepConfig:
 def load_config(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> SweepConfig:
     """Read and check a sweep YAML file: every error is a UserError naming the key,
     raised before anything is loaded or generated."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -89,8 +95,6 @@ def load_config(path: str | Path, *, device: str | None = None, dtype: str | Non
 
 
 def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtype: str | None = None) -> SweepConfig:
-    from personalize.sampling.samplers import configure
-
     base = Path(base).resolve()  # paths in the config are relative to its folder
     raw = _mapping(raw, "the config", TOP_KEYS)
     steps = _whole(raw.get("steps", 50), "steps", 1)
@@ -128,7 +132,6 @@ def is_world(model: str | Path) -> bool:
 def _metric_settings(raw: dict, base: Path, world: str | None = None):
     """The metric settings; on a world, CLIP defaults to the world's metric model and DINO
     to none (the world's images are 64 px, and it has no DINO of its own)."""
-    from personalize.evaluation.metrics import MetricSettings
 
     given = {"clip": str(Path(world) / "metric"), "dino": "none"} if world else {}
     for key in ("clip", "dino", "dino_weights"):
@@ -196,7 +199,6 @@ def _concepts(entries: list, base: Path, model: str | None, default_prompts) -> 
 def _concept(entry: dict, where: str, base: Path, model: str | None, default_prompts) -> SweepConcept:
     """One concept; phrase, superclass and references default to its model's concept.json
     (the demo model has one)."""
-    from personalize.models.loading import read_concept_json
 
     name = _text(entry.get("name"), f"{where}.name")
     if not SAFE_NAME.match(name):
@@ -220,7 +222,6 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     references = entry.get("references", meta.get("references"))
     if references is None:
         raise UserError(f"{where}.references: missing; give a list of image files or a folder")
-    from personalize.evaluation.prompt_sets import resolve_prompts
     prompts = resolve_prompts(entry.get("prompts", default_prompts), name=name, superclass=superclass,
                               where=f"{where}.prompts" if "prompts" in entry else "prompts")
     return SweepConcept(name, phrase, superclass, _references(references, f"{where}.references", base),
@@ -231,7 +232,6 @@ def _bench_concepts(entry: dict, where: str, base: Path, model: str | None, defa
     """The benchmark's subjects from its dataset folder (one subfolder of images per
     subject). `phrase`, `weights` and `model` may name the subject as {name} and its class
     noun as {class}."""
-    from personalize.evaluation.prompt_sets import SUBJECTS
 
     root = base / Path(_text(entry["dreambench"], f"{where}.dreambench")).expanduser()
     if not root.is_dir():
@@ -262,7 +262,6 @@ def _fill(pattern: str, name: str, noun: str) -> str:
 
 def _references(value, where: str, base: Path) -> tuple[str, ...]:
     """Reference image files (a list, or a folder of images); each must exist and open."""
-    from PIL import Image
 
     if isinstance(value, str):
         folder = base / Path(value).expanduser()
@@ -285,8 +284,6 @@ def _references(value, where: str, base: Path) -> tuple[str, ...]:
 
 
 def _points(entries: list, steps: int, configure) -> tuple[Setting, ...]:
-    from personalize.sampling.samplers import SAMPLERS
-
     points = []
     for k, entry in enumerate(entries):
         entry = _mapping(entry, f"samplers[{k}]", SAMPLER_KEYS)
@@ -324,7 +321,6 @@ def grid_points(grid, where: str) -> list[dict]:
 def make_point(config) -> Setting:
     """Canonical parameters: whole-number kinds as int, the rest as float, so that `7` and
     `7.0` are one point (and one row key)."""
-    from personalize.sampling.samplers import SAMPLERS
 
     params = {}
     for p in SAMPLERS[config.name].params:

@@ -18,9 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from personalize.models.demo import build_pipeline as build_demo
 from personalize.models.scheduler import ddim_scheduler
 from personalize.models.tokenizer import CLIP_TEXT_FIELDS as CLIP_TOKENS
+from personalize.models.tokenizer import clip_tokenizer
 
 # SD's UNet layout: cross-attention at the three finest levels, none at the coarsest.
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -72,8 +76,6 @@ ARCHITECTURES = {a.name: a for a in (MID, SD2, DEMO)}
 
 
 def build_unet(arch: Architecture):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**arch.unet)
 
 
@@ -83,11 +85,6 @@ def build_pipeline(arch: Architecture, *, device="cpu", dtype=torch.float32, see
     Modules are created directly on the device: initialising the 1.2B parameters of `sd2`
     on a GPU takes seconds, on a CPU much longer.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from personalize.models.demo import build_pipeline as build_demo
-    from personalize.models.tokenizer import clip_tokenizer
 
     if arch.name == "demo":
         pipe = build_demo(seed)

@@ -4,12 +4,18 @@ weights and the real CLIP tokenizer, so everything runs where no weights can be 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from personalize.models.scheduler import ddim_scheduler
 from personalize.models.tokenizer import CLIP_TEXT_FIELDS, clip_tokenizer
+from personalize.prompts import prompt_pair
+from personalize.sampling.engine import run
+from personalize.sampling.samplers import configure
 
 DEMO_CONCEPT = {"phrase": "sks dog", "superclass": "dog"}
 DEMO_SIZE = 256       # default image size of the demo model (32x32 latents)
@@ -19,8 +25,6 @@ REFERENCE_PROMPT = "a photo of a {}"
 def build_pipeline(seed: int = 0):
     """The demo pipeline in memory: UNet with cross-attention at two resolutions and the middle block, an
     8x VAE, a 2-layer CLIP text encoder, DDIM as in the study."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -61,9 +65,6 @@ def build_pipeline(seed: int = 0):
 def write_demo_model(out: str | Path, *, references: int = 3, steps: int = 10) -> Path:
     """Write the demo pipeline to `out` (diffusers layout) with `concept.json` and
     reference images sampled from the demo concept itself."""
-    from personalize.sampling.engine import run
-    from personalize.prompts import prompt_pair
-    from personalize.sampling.samplers import configure
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -87,7 +88,6 @@ def write_demo_model(out: str | Path, *, references: int = 3, steps: int = 10) -
 
 
 def default_demo_path() -> Path:
-    import os
     root = os.environ.get("PERSONALIZE_CACHE") or Path.home() / ".cache" / "personalize"
     return Path(root) / "demo-model"
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from personalize.errors import UserError
+from personalize.models.demo import ensure_demo_model
+from personalize.sampling.backbones import SUPPORTED, backbone
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda", "mps")
@@ -23,7 +27,6 @@ _cache: dict[tuple, object] = {}
 def study_model_available(timeout: float = 5.0) -> bool:
     """Whether the study's base model can be had here: in the local hub cache, or from
     the hub (a short check; offline machines say no at once)."""
-    import os
 
     try:
         from huggingface_hub import snapshot_download
@@ -61,7 +64,6 @@ def default_model() -> tuple[str, str]:
     if world is not None:
         why = ("no CUDA GPU here" if not torch.cuda.is_available() else "the study's base model cannot be had here")
         return str(world), f"the shipped world model ({why})"
-    from personalize.models.demo import ensure_demo_model
 
     return str(ensure_demo_model()), "the offline demo model (no GPU with the study's model, and no shipped world model)"
 
@@ -118,9 +120,6 @@ def check_model(model: str) -> str:
 def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", scheduler: str = "model"):
     """The pipeline at `model` (SD 1.x/2.x, SD-XL or PixArt-alpha; see `backbones.py`),
     cached per (model, device, dtype, scheduler): a process loads each model once."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    from personalize.sampling.backbones import SUPPORTED, backbone
 
     model = check_model(model)
     torch_device, torch_dtype = check_device(device, dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffusers import DDIMScheduler
+
 # One home for these settings: the demo, tiny and benchmark models all use them.
 DDIM_SETTINGS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                  "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
@@ -9,6 +11,5 @@ DDIM_SETTINGS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
 
 def ddim_scheduler():
     """A fresh `DDIMScheduler` with `DDIM_SETTINGS` (DDIM: arXiv 2010.02502)."""
-    from diffusers import DDIMScheduler
 
     return DDIMScheduler(**DDIM_SETTINGS)

@@ -10,16 +10,33 @@ the cross-attention output is scaled up so that the prompt visibly steers the sa
 from __future__ import annotations
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from personalize.models.scheduler import ddim_scheduler
-from personalize.models.tokenizer import CLIP_TEXT_FIELDS as CLIP_IDS, clip_tokenizer
+from personalize.models.tokenizer import CLIP_TEXT_FIELDS as CLIP_IDS
+from personalize.models.tokenizer import clip_tokenizer
+
 SDXL_SIZE = 128     # default image side of the tiny SD-XL (16x16 latents)
 PIXART_SIZE = 128   # default image side of the tiny PixArt-alpha at sample_size 16
 
 
 def tiny_vae(seed: int, sample_size: int):
     """An 8x AutoencoderKL with a few channels (four levels, like SD's)."""
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -42,8 +59,6 @@ def build_sdxl_pipeline(seed: int = 0):
     at two levels (one with two transformer layers), CLIPTextModel + CLIPTextModelWithProjection
     (hidden sizes 32 + 32, so 64-wide cross-attention context), both with the real CLIP
     tokenizer, an 8x VAE and DDIM."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                        projection_dim=32, hidden_act="gelu", **CLIP_IDS)
@@ -74,8 +89,6 @@ def build_sdxl_pipeline(seed: int = 0):
 def t5_like_tokenizer():
     """A word-level tokenizer with T5's conventions (<pad> 0, </s> 1, <unk> 2, an end token and
     no start token), over the whole words of CLIP's vocabulary; backed by `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for token in clip_tokenizer().get_vocab():
@@ -97,8 +110,6 @@ def build_pixart_pipeline(seed: int = 0, sample_size: int = PIXART_SIZE // 8):
     `sample_size=128` (the latent side of PixArt-alpha 1024) turns on the resolution and
     aspect-ratio conditioning, as in the real 1024 model; run it at small sizes anyway.
     """
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     tokenizer = t5_like_tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -3,20 +3,35 @@ that can be stopped, side-by-side comparisons, scores, and a session's chart."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import queue
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import plotly.graph_objects as go
 from PIL import Image, UnidentifiedImageError
 
-from personalize.runs import request as runs
 from personalize.errors import UserError
-from personalize.models.loading import (STUDY_MODEL, check_model, default_model, load_pipeline, model_size,
-                                        read_concept_json)
-from personalize.models.loading import study_model_available  # noqa: F401  (re-exported)
+from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
+from personalize.evaluation.pareto import figure
+from personalize.evaluation.sweep import KEY
+from personalize.models.loading import (
+    STUDY_MODEL,
+    check_model,
+    default_model,
+    load_pipeline,
+    model_size,
+    read_concept_json,
+    study_model_available,  # noqa: F401  (re-exported)
+)
+from personalize.prompts import fill, remove_concept
+from personalize.runs import request as runs
 from personalize.runs.preview import latents_to_rgb, map_to_image
 
 MAX_UPLOAD_MB = 256
@@ -131,9 +146,6 @@ class Lab:
         return [self._small_copy(path) for path in opened]
 
     def _small_copy(self, path: str) -> str:
-        import tempfile
-        import uuid
-
         if self._references_dir is None or not Path(self._references_dir).is_dir():
             self._references_dir = tempfile.mkdtemp(prefix="personalize-refs-")
         try:
@@ -248,8 +260,6 @@ class Lab:
 
     def chart(self, history: list[dict], background: list[dict] = ()):
         """The session's runs on the IS/TS plane (plotly), over a sweep's curves if given."""
-        from personalize.evaluation.pareto import figure
-        import plotly.graph_objects as go
 
         rows = list(background) + session_rows(history)
         if not rows:
@@ -274,8 +284,6 @@ class Lab:
     def score(self, concept: Concept, images: list, card: dict) -> dict:
         """A copy of the run's card with its mean IS (None without reference images), TS and
         TS-class, and `metrics_random` where the metric model has random weights."""
-        from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
-        from personalize.prompts import fill, remove_concept
 
         models = load_metric_models(MetricSettings(dino="none", device=self.device))
         template = card["prompt_template"]
@@ -310,11 +318,6 @@ def check_upload(path: str, *, suffixes: tuple[str, ...], max_mb: int = MAX_UPLO
 
 
 def read_results_upload(path: str, *, max_mb: int = MAX_RESULTS_MB, max_rows: int = MAX_RESULTS_ROWS) -> list[dict]:
-    import csv
-    import math
-
-    from personalize.evaluation.sweep import KEY
-
     p = Path(path)
     name = p.name
     if not p.is_file():

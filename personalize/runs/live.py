@@ -17,14 +17,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import plotly.graph_objects as go
 from PIL import Image
 
 from personalize.errors import UserError
+from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
+from personalize.evaluation.sweep_config import is_world
+from personalize.models.loading import load_pipeline, read_concept_json
+from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
 from personalize.runs.lab import Concept, Finished, Lab, StepUpdate
 from personalize.runs.runcard import run_card, write_run
 from personalize.sampling import engine
 from personalize.sampling.samplers import SAMPLERS, SamplerConfig, default_for, plan
+from personalize.world import judge as J
+from personalize.world.scene import CONCEPTS
 
 ENDS = ("concept", "superclass")   # the two ends every sampler sits between
 SWEEP_POINTS = 8
@@ -158,9 +165,6 @@ class Live:
     """The live runs of one app (one model); every per-user thing is in a LiveState."""
 
     def __init__(self, lab: Lab, *, display: int = 256):
-        from personalize.evaluation.metrics import MetricSettings
-        from personalize.evaluation.sweep_config import is_world
-
         self.lab = lab
         self.world = Path(lab.model).is_dir() and is_world(lab.model)
         self.display = display
@@ -234,8 +238,6 @@ class Live:
         return state.sweep
 
     def _pipe(self, prep: runs.Prepared):
-        from personalize.models.loading import load_pipeline
-
         req = prep.request
         pipe = load_pipeline(prep.model, device=req.device, dtype=req.dtype, scheduler=req.scheduler)
         runs.use_concept(pipe, req.concept, prep.concept_phrase, req.concept_scale)
@@ -260,8 +262,6 @@ class Live:
         model; on a world also the judge's `concept_ok` (does it show the concept?) and
         `context_ok` (does it follow the prompt's context or colour?), None where the prompt
         is not one the judge reads."""
-        from personalize.evaluation.metrics import image_scores, load_metric_models
-        from personalize.prompts import fill, remove_concept
 
         models = load_metric_models(self.metrics)
         template = card["prompt_template"]
@@ -278,9 +278,6 @@ class Live:
         return out
 
     def verdicts(self, concept: Concept, card: dict, image: Image.Image) -> dict:
-        from personalize.world import judge as J
-        from personalize.world.scene import CONCEPTS
-
         key = next((k for k, c in CONCEPTS.items() if c["superclass"] == concept.superclass), None)
         phrases = {key: concept.phrase} if key else {}
         prompt = card["prompts"]["concept"] if card["sampler"] != "superclass" else card["prompts"]["superclass"]
@@ -369,7 +366,6 @@ def chart(state: LiveState, background: list[dict] = (), *, title: str = "IS / T
     """This session's live points on the IS/TS plane (plotly): the two ends, every run of
     the chosen sampler, the current one highlighted and linked to the previous one, and
     the last sweep as a curve."""
-    import plotly.graph_objects as go
 
     fig = go.Figure()
     if background:
@@ -418,8 +414,6 @@ def chart(state: LiveState, background: list[dict] = (), *, title: str = "IS / T
 def world_concept(model: str, name: str | None = None) -> dict | None:
     """A world's own concept (docs/world.md), `concepts/<name>` (the first by name when
     None): its folder, phrase, superclass and reference images; None for other models."""
-    from personalize.evaluation.sweep_config import is_world
-    from personalize.models.loading import read_concept_json
 
     folder = Path(model)
     if not (folder.is_dir() and is_world(folder)):

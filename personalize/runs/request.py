@@ -12,11 +12,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from personalize.sampling import engine
+from personalize.concepts.apply import apply_concept
 from personalize.errors import UserError
-from personalize.models.loading import check_device, check_model, load_pipeline, read_concept_json, SCHEDULERS
+from personalize.models import loading
+from personalize.models.loading import (
+    SCHEDULERS,
+    check_device,
+    check_model,
+    load_pipeline,
+    model_size,
+    read_concept_json,
+)
 from personalize.prompts import check_template, prompt_pair
 from personalize.runs.runcard import run_card
+from personalize.sampling import engine
 from personalize.sampling.samplers import MAX_STEPS, configure, plan, total_rows
 
 SEED_MAX = 2 ** 63 - 1       # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -208,7 +217,6 @@ def check(req: Request, limits: Limits = LOCAL) -> Prepared:
         raise UserError(f"--steps: {req.steps} is more than the scheduler's {steps} training timesteps")
     prompts = prompt_pair(req.prompt, phrase, superclass)
     prep = Prepared(req, config, prompts, model, phrase, superclass, label)
-    from personalize.models.loading import model_size
     need = cost(prep, model_size(model) or 512)
     if need > limits.max_cost:
         raise UserError(f"this run needs {need:,} denoiser row-pixels (rows x height x width), over this "
@@ -238,7 +246,6 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
 
 def forget_pipeline(pipe) -> None:
     """Drop `pipe` from the loaded-pipeline cache, so that it is never handed out again."""
-    from personalize.models import loading
 
     for key in [k for k, v in loading._cache.items() if v is pipe]:
         del loading._cache[key]
@@ -267,7 +274,6 @@ def use_concept(pipe, path: str | None, phrase: str, scale: float):
         del _applied[pipe]
     if key is None:
         return None
-    from personalize.concepts.apply import apply_concept
     applied = apply_concept(pipe, path, phrase=phrase, scale=scale)
     _applied[pipe] = (key, applied)
     return applied

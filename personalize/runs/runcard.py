@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from personalize import __version__
 from personalize.errors import UserError
 from personalize.runs.preview import latents_to_rgb, map_to_image
 
@@ -22,7 +23,6 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    from personalize import __version__
     out["personalize"] = __version__
     return out
 

@@ -19,6 +19,8 @@ row (nested dicts and None allowed); `batch_conditioning` stacks them for a call
 from __future__ import annotations
 
 import torch
+from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 
 from personalize.errors import UserError
 from personalize.prompts import concept_token_index
@@ -177,8 +179,6 @@ class PixArtBackbone(Backbone):
         return index
 
     def encode(self, text: str, *, negative: bool, size: tuple[int, int]) -> Conditioning:
-        from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
-
         embeds, mask, _, _ = self.pipe.encode_prompt(text, do_classifier_free_guidance=False,
                                                      num_images_per_prompt=1, device=self.device,
                                                      clean_caption=False,
@@ -210,8 +210,6 @@ class PixArtBackbone(Backbone):
 
 
 def families() -> list[tuple[type, type[Backbone]]]:
-    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
     return [(StableDiffusionXLPipeline, SDXLBackbone), (PixArtAlphaPipeline, PixArtBackbone),
             (StableDiffusionPipeline, Backbone)]
 

@@ -26,12 +26,12 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from personalize.errors import UserError
+from personalize.prompts import PromptPair
 from personalize.sampling import guidance
 from personalize.sampling.attention import AttentionHooks
 from personalize.sampling.backbones import Backbone, Conditioning, backbone, batch_conditioning
-from personalize.errors import UserError
-from personalize.prompts import PromptPair
-from personalize.sampling.samplers import C, ROW_ORDER, S, U, SamplerConfig, Step, plan
+from personalize.sampling.samplers import ROW_ORDER, C, S, SamplerConfig, Step, U, plan
 
 
 class Stopped(RuntimeError):

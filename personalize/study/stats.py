@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import binomtest
 
 Z95 = 1.959963984540054  # the standard normal quantile at 0.975
 
@@ -42,7 +43,6 @@ def binomial_p_value(k: int, n: int, p: float = 0.5) -> float:
     """Two-sided exact binomial test of k successes in n trials; nan when n is 0."""
     if n <= 0:
         return math.nan
-    from scipy.stats import binomtest
 
     return float(binomtest(int(k), int(n), p).pvalue)
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from personalize.errors import UserError
+
 ANSWERS = ("1", "2", "cant_decide")
 QUESTIONS = ("ts", "is", "all")      # text prompt, original image, general impression
 BUSY_MS = 30_000
@@ -57,8 +59,6 @@ class Store:
     another study is refused."""
 
     def __init__(self, path: str | Path, study_id: str):
-        from personalize.errors import UserError
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import math
 import os
@@ -27,17 +28,27 @@ import random
 import re
 import secrets
 import shutil
+import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, PngImagePlugin
+
 from personalize.errors import UserError
+from personalize.evaluation.sweep import RESULTS, read_rows, run_sweep
+from personalize.evaluation.sweep_config import parse_config
 from personalize.images import IMAGE_SUFFIXES, image_files
-from personalize.throttle import Throttle
+from personalize.models.loading import read_concept_json
+from personalize.prompts import fill
+from personalize.study import stats as st
 from personalize.study.store import ANSWERS, QUESTIONS, Store, default_db_path
+from personalize.throttle import Throttle
 
 FORMAT = "personalize-study/1"
 TASKS = "tasks.json"
@@ -126,7 +137,6 @@ def _method_rows(rows: list[dict], method: str, sweep: Path) -> tuple[dict, dict
 def _references(sweep: Path, rows: list[dict], concepts: list[str], given: dict[str, str]) -> dict[str, list[Path]]:
     """Real images of each concept: `--references NAME=PATH`, else those of the concept's
     model folder (`concept.json`, as the demo model has) that the sweep recorded."""
-    from personalize.models.loading import read_concept_json
 
     lock = json.loads((sweep / "sweep.json").read_text()) if (sweep / "sweep.json").is_file() else {}
     out = {}
@@ -189,10 +199,6 @@ class _Media:
         return f"{MEDIA}/{nonce}{suffix}"
 
     def blank(self, size: tuple[int, int]) -> str:
-        import io
-
-        from PIL import Image
-
         shade = 120 + secrets.randbelow(17)  # a grey of its own for each check
         buffer = io.BytesIO()
         Image.new("RGB", size, (shade, shade, shade)).save(buffer, format="PNG")
@@ -206,8 +212,6 @@ def with_comment(data: bytes, suffix: str, comment: str) -> tuple[bytes, str]:
     """The image file `data` with `comment` stored in it and the pixels untouched: a PNG
     tEXt chunk after the header, a JPEG comment segment after the start marker; other
     formats are re-encoded as PNG. Returns (bytes, suffix)."""
-    import struct
-    import zlib
 
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         body = b"Comment\x00" + comment.encode("ascii")
@@ -216,9 +220,7 @@ def with_comment(data: bytes, suffix: str, comment: str) -> tuple[bytes, str]:
     if data[:2] == b"\xff\xd8":
         body = comment.encode("ascii")
         return data[:2] + b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body + data[2:], suffix
-    import io
 
-    from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", comment)
@@ -241,7 +243,6 @@ def build_study(sweep: str | Path, pairs: list[tuple[str, str]], out: str | Path
                 repeats: int = 0, per_pair: int | None = None, seed: int = 0,
                 references: dict[str, str] | None = None, allow: tuple[str, ...] = ()) -> dict:
     """Write STUDY_DIR (tasks.json and media/) from a sweep folder; returns tasks.json's content."""
-    from personalize.evaluation.sweep import RESULTS, read_rows
 
     sweep, out = Path(sweep), Path(out)
     if not (sweep / RESULTS).is_file():
@@ -335,14 +336,12 @@ def _shown_prompt(row: dict) -> str:
     """The prompt a participant reads: the class noun in place of the concept phrase."""
     if row.get("ts_class_prompt"):
         return row["ts_class_prompt"]
-    from personalize.prompts import fill
 
     return fill(row["prompt"], row.get("superclass") or "object")
 
 
 def _is_demo(rows: list[dict]) -> bool:
     """Whether the images come from the offline demo model (random weights)."""
-    from personalize.models.loading import read_concept_json
 
     model = rows[0].get("model", "")
     try:
@@ -355,8 +354,6 @@ def _is_demo(rows: list[dict]) -> bool:
 def make_demo(out: str | Path, *, model: str | None = None, steps: int = 3, size: int = 64) -> dict:
     """A small ready study on the offline demo model: a sweep of three samplers over four
     prompts and two seeds (in STUDY_DIR/sweep), then 16 pair tasks, 2 repeats, 2 checks."""
-    from personalize.evaluation.sweep import run_sweep
-    from personalize.evaluation.sweep_config import parse_config
 
     out = Path(out)
     _check_out(out, allow=("sweep",))
@@ -649,9 +646,6 @@ def _finite(x):
 def make_report(study: dict, answers: list[dict], *, exclude=(), max_failures: int = 0, resamples: int = 2000,
                 seed: int = 0, prior: float = 0.1) -> dict:
     """Every number of the report, from tasks.json's content and the stored answers."""
-    import numpy as np
-
-    from personalize.study import stats as st
 
     tasks = {t["id"]: t for t in study["tasks"]}
     answers = [a for a in answers if a["task"] in tasks]

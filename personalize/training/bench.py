@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from ..evaluation.memory import PeakMemory
+from .loop import check_applies, check_resolution, family, train_concept
 from .recipes import METHODS
 
 
 def bench_images(n: int = 3, size: int = 96) -> list:
     """Smooth random colour images: inputs with the right shape and no content to learn."""
-    from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     small = torch.rand(n, 3, 4, 4, generator=g)
@@ -33,8 +35,6 @@ def training_bench(pipe, methods=METHODS, steps: int = 3, *, resolution: int | N
     file_bytes and file_mb (the concept files written, without references and checkpoints), device,
     resolution, steps. A method that does not apply to the model gives a row with `error`
     instead."""
-    from ..evaluation.bench import PeakMemory
-    from .loop import check_applies, check_resolution, family, train_concept
 
     if isinstance(methods, str):
         methods = [methods]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 
@@ -14,7 +15,6 @@ MAX_IMAGES = 1000
 
 def check_images(images) -> list:
     """The images as RGB PIL images; refuses anything else (one line naming what is wrong)."""
-    from PIL import Image
 
     if isinstance(images, (str, Path)) or not hasattr(images, "__len__"):
         raise UserError("images: expected a list of PIL images")
@@ -35,7 +35,6 @@ def check_images(images) -> list:
 def read_image_folder(folder) -> tuple[list, list[Path]]:
     """(RGB images, their paths) of every image file in `folder` (sorted by name). A file
     with an image suffix that does not open as an image, or any other file, is an error."""
-    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -58,7 +57,6 @@ def read_image_folder(folder) -> tuple[list, list[Path]]:
 def to_tensor(image, resolution: int, *, crop: str, interpolation: str) -> torch.Tensor:
     """(3, R, R) in [-1, 1]. "center": centre-crop to the short side's square, then resize
     (the study's preprocessing); "none": resize the whole image (textual inversion's)."""
-    from PIL import Image
 
     resample = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
     if crop == "center":

@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from ..errors import UserError
 from ..images import IMAGE_SUFFIXES
+from .loop import train_concept
 from .recipes import recipe
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 20
@@ -58,7 +61,6 @@ def check_request(photos, phrase, superclass, method, steps, *, min_photos: int 
     """Everything that can be checked without the model (UserError naming what is wrong).
     The phrase of textual inversion is checked against the tokenizer by `train_concept`,
     before anything is written."""
-    from PIL import Image, UnidentifiedImageError
 
     rec = recipe(str(method or ""))
     phrase, superclass = " ".join(str(phrase or "").split()), " ".join(str(superclass or "").split())
@@ -111,9 +113,6 @@ def stream_training(pipe, request: Request, stop, *, root=None,
     writes the concept from the weights so far; closing the iterator stops the run and
     waits for the worker. `options` go to `train_concept` (resolution, seed, ...). An
     error in the worker is raised here, and the folder is removed if nothing was written."""
-    from PIL import Image
-
-    from .loop import train_concept
 
     images = []
     for path in request.photos:

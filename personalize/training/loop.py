@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import math
 import shutil
@@ -26,11 +27,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDIMScheduler, DDPMScheduler
+from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
 from ..errors import UserError
+from ..sampling.backbones import backbone
 from .data import check_images, to_tensor
-from .recipes import Recipe, recipe as default_recipe
+from .recipes import Recipe
+from .recipes import recipe as default_recipe
 
 # Which pipeline families each method trains on.
 APPLIES = {"svdiff": ("sd",), "textual-inversion": ("sd",), "dreambooth": ("sd", "sdxl"), "lora": ("sd", "sdxl")}
@@ -69,7 +75,6 @@ METHOD_CLASSES = {"svdiff": ("svdiff", "SVDiff"), "dreambooth": ("dreambooth", "
 
 def _methods() -> dict:
     """{method: its class} (each in its own module of this package)."""
-    import importlib
     found = {}
     for method, (module, name) in METHOD_CLASSES.items():
         try:
@@ -82,7 +87,6 @@ def _methods() -> dict:
 # -- 1. checking inputs ------------------------------------------------------------------
 
 def family(pipe) -> str:
-    from ..sampling.backbones import backbone
     return backbone(pipe).family
 
 
@@ -196,7 +200,6 @@ def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
 def generate_class_images(pipe, superclass: str, count: int, resolution: int, *, steps: int, seed: int) -> list:
     """`count` images of "a photo of a {superclass}" from the base model (DDIM, `steps`
     steps), for prior preservation; the caller's pipeline is not changed."""
-    from diffusers import DDIMScheduler
 
     gen = type(pipe).from_pipe(pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
     gen.set_progress_bar_config(disable=True)
@@ -214,7 +217,6 @@ def generate_class_images(pipe, superclass: str, count: int, resolution: int, *,
 def copy_models(pipe, fam: str, device: torch.device) -> Models:
     """fp32 copies of the UNet and text encoder(s) (frozen until a method unfreezes), the
     pipeline's own VAE, and the noise schedule of the pipeline's scheduler."""
-    from diffusers import DDPMScheduler
 
     def trainable_copy(module):
         if module is None:
@@ -333,7 +335,6 @@ def load_trainable_state(models: Models, state: dict[str, torch.Tensor], where: 
 def save_checkpoint(out: Path, step: int, models: Models, optimizer, method, record: dict) -> Path:
     """checkpoint-<step>/: the trained tensors, the optimizer state, the run record and the
     concept files themselves (so a checkpoint also loads with --concept)."""
-    from safetensors.torch import save_file
 
     folder = out / CHECKPOINTS / f"checkpoint-{step}"
     tmp = out / CHECKPOINTS / f".checkpoint-{step}.tmp"
@@ -493,7 +494,6 @@ def train_concept(pipe, images, *, phrase: str, superclass: str, method: str = "
         class_post = encode_posteriors(pipe.vae, class_pixels)
 
     # 3. models: copies of UNet / text encoder(s); the method picks what trains
-    from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
     device = accelerator.device
     with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FILE = "pytorch_lora_weights.safetensors"
 
@@ -17,8 +22,6 @@ class LoRA:
     files = (FILE,)
 
     def __init__(self, models, recipe, **_):
-        from peft import LoraConfig, inject_adapter_in_model
-
         self.models, self.recipe = models, recipe
         config = dict(r=recipe.rank, lora_alpha=recipe.rank, init_lora_weights="gaussian", lora_dropout=0.0)
         # peft's own injection (what diffusers' and transformers' add_adapter call), which
@@ -41,8 +44,6 @@ class LoRA:
 
     def layers(self) -> dict[str, dict]:
         """{component: diffusers-named LoRA tensors}."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
         return {name: convert_state_dict_to_diffusers(
                     {k: v.detach().float().cpu().contiguous()
@@ -50,8 +51,6 @@ class LoRA:
                 for name in self.components}
 
     def save(self, folder: Path) -> list[str]:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
         layers = self.layers()
         kwargs = {f"{name}_lora_layers": tensors for name, tensors in layers.items()}
         writer = StableDiffusionXLPipeline if self.models.family == "sdxl" else StableDiffusionPipeline

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -144,8 +145,6 @@ class SVDiff:
         return files
 
     def save(self, folder: Path) -> list[str]:
-        from safetensors.torch import save_file
-
         written = []
         for name, tensors in self.tensors().items():
             save_file(tensors, str(folder / name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -51,8 +52,6 @@ class TextualInversion:
         pass
 
     def save(self, folder: Path) -> list[str]:
-        from safetensors.torch import save_file
-
         save_file({self.token: self.new_rows.rows.detach().float().cpu().contiguous()}, str(folder / FILE),
                   metadata={"format": "pt"})
         return [FILE]

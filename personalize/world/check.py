@@ -14,11 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
+from scipy.stats import spearmanr
 
+from ..concepts import apply_concept
 from ..errors import UserError
+from ..evaluation.metrics import MetricSettings, load_metric_models
+from ..prompts import prompt_pair, remove_concept
+from ..sampling.engine import run
+from ..sampling.samplers import configure
 from . import judge as J
-from .scene import CLASSES, COLOURS, CONCEPTS, CONTEXT_PROMPTS, CONTEXTS, fill, random_scene, reference_scenes, render, render_batch
+from .build import all_captions
+from .scene import (
+    CLASSES,
+    COLOURS,
+    CONCEPTS,
+    CONTEXT_PROMPTS,
+    CONTEXTS,
+    fill,
+    random_scene,
+    reference_scenes,
+    render,
+    render_batch,
+)
 
 STEPS = 25
 GUIDANCE = 7.0
@@ -71,8 +90,6 @@ def check_world_folder(folder: str | Path) -> Path:
 
 
 def load_world_pipeline(folder: Path):
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -80,7 +97,6 @@ def load_world_pipeline(folder: Path):
 
 def load_world_metric(folder: Path):
     """The world's CLIP through the metrics code's own loader (its `clip: FOLDER` setting)."""
-    from ..evaluation.metrics import MetricSettings, load_metric_models
 
     return load_metric_models(MetricSettings(clip=str(folder / "metric"), dino="none", allow_random=False))
 
@@ -94,7 +110,6 @@ def _pil(images) -> list:
 def metric_zero_shot(metric, n: int, seed: int) -> list[Figure]:
     """Zero-shot over every fully specified caption: is the best caption's colour, class
     and context the image's?"""
-    from .build import all_captions
 
     captions, labels = all_captions()
     text = metric.clip_texts(captions)
@@ -129,10 +144,6 @@ def base_model(pipe, n: int, seed: int, batch: int = 50, steps: int = STEPS) -> 
 
 def sample(pipe, template: str, concept: dict, sampler: str, params: dict | None, images: int, seed: int,
            steps: int = STEPS):
-    from ..sampling.engine import run
-    from ..prompts import prompt_pair
-    from ..sampling.samplers import configure
-
     pair = prompt_pair(template, concept["phrase"], concept["superclass"])
     return run(pipe, pair, configure(sampler, params or {}, steps=steps), seed=seed, num_images=images,
                height=64, width=64, concept_phrase=concept["phrase"]).images
@@ -159,9 +170,6 @@ def concept_samplers(pipe, name: str, images: int, templates, steps: int = STEPS
 def mixed_sweep(pipe, metric, names, images: int, templates, steps: int = STEPS) -> tuple[list[Figure], list[dict]]:
     """w_s = 0..7 with w_c = 7 - w_s: mean TS and context fidelity rise, mean IS and
     concept fidelity fall (Spearman over the eight points)."""
-    from scipy.stats import spearmanr
-
-    from ..prompts import remove_concept
 
     points = []
     for w_s in SWEEP_W:
@@ -196,7 +204,6 @@ def run_check(folder: str | Path, *, quick: bool = False, seed: int = 1234, log=
     """Measure every figure on the world at `folder`; the record is also written to
     `world.json` under `check`. `quick` measures few images at 4 denoising steps: it shows
     that every figure can be measured, not what it is."""
-    from ..concepts import apply_concept
 
     folder = check_world_folder(folder)
     start = time.time()

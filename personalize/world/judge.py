@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy import ndimage
 
 from . import scene as W
@@ -248,7 +248,6 @@ def _crop_resize(mask: np.ndarray) -> np.ndarray:
 def _templates() -> dict[str, np.ndarray]:
     """Per class, (K, T, T) masks: every size, drawn and as blur leaves it (a blurred
     shape's mask loses thin tips and corners: thresholds of the blurred mask stand in)."""
-    from PIL import ImageFilter
 
     out = {}
     for cls in W.CLASSES:

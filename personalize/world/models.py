@@ -13,6 +13,12 @@ encoder is a small CLIP text transformer over the real CLIP tokenizer.
 
 from __future__ import annotations
 
+import open_clip
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..models.tokenizer import CLIP_TOKEN_IDS
+
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
 LATENT_CHANNELS = 8
@@ -42,8 +48,6 @@ METRIC_MODEL_CONFIG = {
 
 
 def autoencoder():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=IMAGE_SIZE, layers_per_block=1,
         block_out_channels=(16, 32, 64), norm_num_groups=8,
@@ -53,8 +57,6 @@ def autoencoder():
 
 
 def denoiser():
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
         block_out_channels=(32, 64, 64),
@@ -66,10 +68,6 @@ def denoiser():
 
 
 def text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..models.tokenizer import CLIP_TOKEN_IDS
-
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
@@ -78,18 +76,12 @@ def text_encoder():
 
 
 def metric_model():
-    import open_clip
-
     return open_clip.CLIP(**{k: v for k, v in METRIC_MODEL_CONFIG.items()})
 
 
 def ddim_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
 
 
 def ddpm_scheduler():
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False)

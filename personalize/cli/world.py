@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from ..errors import UserError
+from personalize.errors import UserError
+from personalize.world.build import build_world
+from personalize.world.check import format_table, run_check
+from personalize.world.paths import shipped_world
 
 
 def add_arguments(parser) -> None:
@@ -22,10 +25,6 @@ def add_arguments(parser) -> None:
 
 
 def command(args) -> int:
-    from .build import build_world
-    from .check import format_table, run_check
-    from .paths import shipped_world
-
     if args.world_action == "build":
         world = build_world(args.out, quick=args.quick, seed=args.seed, resume=args.resume, check=not args.no_check)
         print(f"world written to {args.out} in {world['build_seconds']:.0f} s")

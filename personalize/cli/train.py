@@ -10,9 +10,17 @@ last checkpoint to the same weights an uninterrupted run gives.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
-from ..errors import UserError
-from .recipes import METHODS
+from tqdm.auto import tqdm
+
+from personalize.errors import UserError
+from personalize.models.loading import check_device, load_pipeline
+from personalize.training.data import read_image_folder
+from personalize.training.loop import check_out, check_resolution, train_concept
+from personalize.training.recipes import METHODS
+from personalize.training.recipes import recipe as default_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def print_settings(rec, args, resolution: int, model: str) -> None:
     """Every setting of the run, defaults marked."""
-    from .recipes import recipe as default_recipe
 
     base = default_recipe(rec.method)
     print(f"training a {rec.method} concept ({rec.source})")
@@ -70,14 +77,6 @@ def print_settings(rec, args, resolution: int, model: str) -> None:
 
 
 def command(args) -> int:
-    import signal
-    import threading
-
-    from ..models.loading import check_device, load_pipeline
-    from .data import read_image_folder
-    from .loop import check_out, check_resolution, train_concept
-    from .recipes import recipe as default_recipe
-
     # 1. everything that needs no model
     rec = default_recipe(args.method)
     for name in ("steps", "batch_size", "checkpoint_every", "class_images"):
@@ -101,7 +100,7 @@ def command(args) -> int:
 
     # 2. the model (train_concept checks the rest before writing anything)
     if args.model is None:
-        from ..models.demo import ensure_demo_model
+        from personalize.models.demo import ensure_demo_model
         model = str(ensure_demo_model())
     else:
         model = args.model
@@ -111,7 +110,6 @@ def command(args) -> int:
     print_settings(rec, args, resolution, model)
 
     # 3. train, with a progress bar; Ctrl-C stops at the end of the step
-    from tqdm.auto import tqdm
 
     stop = threading.Event()
     bar = None
