@@ -7,11 +7,12 @@ from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 from safetensors.torch import save_file
 
 from personalize.concepts import apply as concepts
-from personalize.concepts.apply import apply_concept, detect_format
-from personalize.models.demo import build_pipeline
-from personalize.sampling.engine import run
+from personalize.concepts.apply import apply_concept
+from personalize.concepts.files import detect_format
 from personalize.errors import UserError
+from personalize.models.demo import build_pipeline
 from personalize.prompts import prompt_pair
+from personalize.sampling.engine import run
 from personalize.sampling.samplers import configure
 from tests.helpers import rel_diff
 

@@ -11,7 +11,7 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from personalize.concepts.apply import detect_format  # noqa: E402
+from personalize.concepts.files import detect_format  # noqa: E402
 from personalize.errors import UserError  # noqa: E402
 from personalize.runs.lab import Finished, Lab  # noqa: E402
 from personalize.training.jobs import MAX_STEPS, Progress, Trained  # noqa: E402

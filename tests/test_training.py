@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from personalize.concepts import apply_concept
-from personalize.concepts.apply import spectral_weight as loader_spectral_weight
-from personalize.training import loop, svdiff
-from personalize.training import train_concept
+from personalize.concepts.svdiff import spectral_weight as loader_spectral_weight
+from personalize.training import loop, svdiff, train_concept
 
 SIZE = 64
 
@@ -168,8 +167,8 @@ def test_selection_on_the_sd2_architecture():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from personalize.concepts.svdiff import spectral_size
     from personalize.models.architectures import SD2
-    from personalize.concepts.apply import spectral_size
     from personalize.training.dreambooth import select
     from personalize.training.recipes import QKV
 

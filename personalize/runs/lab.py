@@ -195,7 +195,7 @@ class Lab:
         elif weights:
             weights = self.check_concept_path(weights)
         if weights:
-            from personalize.concepts.apply import detect_format
+            from personalize.concepts.files import detect_format
             detect_format(weights)
         refs = self.check_references(references) if references else list((current or self.default_concept).references)
         return Concept(phrase, superclass, refs, weights or None)

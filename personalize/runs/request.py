@@ -193,7 +193,7 @@ def check(req: Request, limits: Limits = LOCAL) -> Prepared:
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
     if req.concept is not None:
-        from personalize.concepts.apply import detect_format
+        from personalize.concepts.files import detect_format
         detect_format(req.concept)
     label = None
     if req.model is None:

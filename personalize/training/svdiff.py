@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..concepts.apply import spectral_shift
+from ..concepts.svdiff import spectral_shift
 
 SHIFTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 UNET_FILE = "spectral_shifts.safetensors"
