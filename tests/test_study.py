@@ -10,9 +10,11 @@ import pytest
 
 from personalize.cli import main
 from personalize.errors import UserError
-from personalize.study.tasks import Study, build_study, make_report, parse_pairs
-from personalize.study.store import Store
 from personalize.evaluation.sweep import RESULTS, read_rows
+from personalize.study.build import build_study, parse_pairs
+from personalize.study.report import make_report
+from personalize.study.store import Store
+from personalize.study.tasks import Study
 
 from .study_helpers import demo_study, fresh_copy
 

@@ -17,7 +17,10 @@ import time
 import gradio as gr
 
 from personalize.errors import UserError
-from personalize.study.tasks import QUESTION_TEXT, QUESTIONS, Study, format_report
+from personalize.study.layout import QUESTION_TEXT
+from personalize.study.report import format_report
+from personalize.study.store import QUESTIONS
+from personalize.study.tasks import Study
 
 from .errors import shown
 from .serving import JOINS_ENV, JOINS_PER_MINUTE, RateLimit

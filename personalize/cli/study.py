@@ -6,7 +6,9 @@ import json
 import sys
 
 from personalize.errors import UserError
-from personalize.study.tasks import Study, build_study, format_report, make_demo, parse_pairs
+from personalize.study.build import build_study, make_demo, parse_pairs
+from personalize.study.report import format_report
+from personalize.study.tasks import Study
 
 
 def add_arguments(parser) -> None:
