@@ -84,13 +84,14 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def render_data(n: int, seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """`n` captioned renders: images (n, 64, 64, 3) uint8, captions, and each image's
-    object pixels (n, 64, 64) bool."""
+def render_data(n: int, seed: int, *, with_masks: bool = False):
+    """`n` captioned renders: images (n, 64, 64, 3) uint8 and captions; with `with_masks`,
+    also each image's object pixels (n, 64, 64) bool (as `codec_batch` does)."""
     rng = np.random.default_rng(seed)
     pairs = [random_caption(rng) for _ in range(n)]
     scenes = [s for s, _ in pairs]
-    return render_batch(scenes), [c for _, c in pairs], np.stack([object_mask(s) for s in scenes])
+    images, captions = render_batch(scenes), [c for _, c in pairs]
+    return (images, captions, np.stack([object_mask(s) for s in scenes])) if with_masks else (images, captions)
 
 
 def latent_weight_map(masks: np.ndarray, object_weight: float) -> torch.Tensor:
@@ -503,7 +504,8 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
     pipeline_ready = all((out / p).exists() for p in PIPELINE_PARTS) and "denoiser" in state["parts"]
     if not pipeline_ready:
         _log(f"rendering {size.images} training images")
-        images, captions, masks = render_data(size.images, seed)
+        weighted = size.object_weight != 1.0
+        images, captions, *masks = render_data(size.images, seed, with_masks=weighted)
         if "autoencoder" in state["parts"] and (out / ".work" / "vae").is_dir():
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(str(out / ".work" / "vae")).eval().requires_grad_(False)
@@ -517,8 +519,8 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
         vae.register_to_config(scaling_factor=scaling)
         from ..models.tokenizer import clip_tokenizer
         unet, text_encoder, record = train_denoiser(mean, std, scaling, captions, clip_tokenizer(), size, seed,
-                                                    weight_map=(latent_weight_map(masks, size.object_weight)
-                                                                if size.object_weight != 1.0 else None))
+                                                    weight_map=latent_weight_map(masks[0], size.object_weight)
+                                                    if weighted else None)
         record["scaling_factor"] = scaling
         write_pipeline(vae, text_encoder, unet, out)
         done("denoiser", record)
