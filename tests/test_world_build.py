@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from personalize.errors import UserError
+from personalize.models.tokenizer import clip_tokenizer
 from personalize.world import build, check, models
-from personalize.world.scene import CONCEPTS
+from personalize.world.scene import CONCEPTS, instance_class, named_instance_batch
 
 
 def test_build_records_every_part(quick_world):
@@ -22,8 +23,9 @@ def test_build_records_every_part(quick_world):
     record = json.loads((out / "world.json").read_text())
     record.pop("check", None)   # the quick check (another test) may have added its figures
     assert record == world
-    assert set(record["parts"]) == {"autoencoder", "denoiser", "metric_model", "concepts", "decoder"}
-    for part in ("autoencoder", "denoiser", "metric_model", "decoder"):
+    assert set(record["parts"]) == {"autoencoder", "denoiser", "instances", "metric_model", "concepts", "decoder"}
+    assert record["parts"]["instances"]["names"] == build.identifier_words(clip_tokenizer(), build.QUICK.instances)
+    for part in ("autoencoder", "denoiser", "instances", "metric_model", "decoder"):
         assert record["parts"][part]["steps"] > 0
         assert np.isfinite(record["parts"][part]["final_loss"])
     assert set(record["parts"]["concepts"]) == set(CONCEPTS)
@@ -47,8 +49,8 @@ def test_pipeline_loads_with_diffusers(quick_world):
 def test_concepts_load_and_change_the_model(quick_world):
     from personalize.concepts import apply_concept
     from personalize.prompts import prompt_pair
-    from personalize.sampling.samplers import configure
     from personalize.sampling.engine import run
+    from personalize.sampling.samplers import configure
 
     out, _ = quick_world
     pipe = check.load_world_pipeline(out)
@@ -158,3 +160,59 @@ def test_denoiser_training_refuses_an_unknown_timestep_rule():
     size = dataclasses.replace(build.QUICK, timesteps="lognormal", denoiser_steps=1)
     with pytest.raises(ValueError, match="timesteps"):
         build.train_denoiser(torch.zeros(2, 8, 16, 16), torch.zeros(2, 8, 16, 16), 1.0, ["", ""], None, size, 0)
+
+
+def _codec_images(n=8, seed=3):
+    from personalize.world.scene import codec_batch
+
+    return build.to_tensor(codec_batch(n, seed))
+
+
+def test_anchored_codec_pulls_its_first_channels_to_the_image_averages():
+    from personalize.world.scene import codec_batch
+
+    images = codec_batch(64, 0)
+    x = _codec_images(16, seed=9)
+    gaps = {}
+    for anchor in (0.0, 5.0):
+        size = dataclasses.replace(build.QUICK, vae_steps=25, vae_minutes=5.0, latent_anchor=anchor)
+        vae, _ = build.train_autoencoder(images, size, seed=0)
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        gaps[anchor] = torch.nn.functional.mse_loss(dist.mean[:, :build.ANCHORED],
+                                                    torch.nn.functional.avg_pool2d(x, 4)).item()
+        if anchor:
+            # its decoder learned through noise of LATENT_NOISE: the posterior says so
+            assert torch.allclose(dist.std, torch.full_like(dist.std, build.LATENT_NOISE), rtol=1e-4)
+    assert gaps[5.0] < 0.5 * gaps[0.0]
+
+
+def test_identifier_words_are_single_new_tokens():
+    tokenizer = clip_tokenizer()
+    words = build.identifier_words(tokenizer, 64)
+    assert len(set(words)) == 64 and words == build.identifier_words(tokenizer, 64)
+    assert all(len(tokenizer(w).input_ids) == 3 for w in words)
+    concept_words = {w for c in CONCEPTS.values() for w in c["phrase"].split()}
+    assert not concept_words & set(words)
+    with pytest.raises(ValueError, match="one-token identifier words"):
+        build.identifier_words(tokenizer, 10**6)
+
+
+def test_a_named_instance_is_one_object_whatever_the_scene():
+    names = ["bbb", "bbc", "bbl"]
+    images, captions, masks = named_instance_batch(60, 0, names)
+    looks = {}
+    for image, text, mask in zip(images, captions, masks):
+        name = next(n for n in names if f" {n} " in f" {text} ")
+        k = names.index(name)
+        cls = instance_class(k)
+        assert f"{name} {cls}" in text and "sks" not in text
+        # the object's colours (the renderer's +-6 noise aside) are the instance's own
+        colours = np.unique((image[mask].astype(int) + 8) // 16, axis=0)
+        looks.setdefault(name, []).append({tuple(c) for c in colours})
+    assert set(looks) == set(names)
+    for name, seen in looks.items():
+        common = set.intersection(*seen)
+        assert common, f"{name} has no colour common to all its images"
+    # negative control: two instances do not share their look
+    assert set.intersection(*looks["bbb"]) != set.intersection(*looks["bbc"])

@@ -8,7 +8,9 @@ the parts an interrupted build already finished instead of training them again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -20,7 +22,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import save_file
@@ -35,6 +37,7 @@ from .scene import (
     CONCEPTS,
     CONTEXTS,
     codec_batch,
+    named_instance_batch,
     object_mask,
     random_caption,
     random_scene,
@@ -61,18 +64,25 @@ class BuildSize:
     metric_batch: int = 128
     metric_minutes: float = 5.0
     concept_steps: int = 600
+    concept_lr: float = 5e-3         # SVDiff at 5x the study's rate: at 1x, 600 steps left no visible concept
     concept_class_images: int = 40
     decoder_steps: int = 1_000
     decoder_minutes: float = 4.0
-    object_weight: float = 1.0       # denoiser loss weight of the object's latent pixels (1: none)
-    timesteps: str = "uniform"       # how denoiser timesteps are drawn: "uniform" | "snr-normal"
+    latent_anchor: float = 0.5       # weight pulling latent channels 0-2 to the image's 4x4 averages (0: none)
+    instances: int = 64              # named instances taught after the denoiser (0: no such stage)
+    instance_share: float = 0.3      # their share of that stage's training pairs
+    instance_steps: int = 3_000
+    instance_minutes: float = 10.0
+    object_weight: float = 3.0       # denoiser loss weight of the object's latent pixels (1: none)
+    timesteps: str = "snr-normal"    # how denoiser timesteps are drawn: "uniform" | "snr-normal"
 
 
 FULL = BuildSize()
 # Every part and stage of a full build, a few steps each: for tests of the wiring, not of quality.
 QUICK = BuildSize(images=200, vae_steps=8, vae_batch=8, vae_minutes=1.0, denoiser_steps=12, denoiser_batch=8,
                   denoiser_minutes=1.0, metric_steps=8, metric_batch=32, metric_minutes=1.0, concept_steps=4,
-                  concept_class_images=2, decoder_steps=4, decoder_minutes=0.5)
+                  concept_class_images=2, decoder_steps=4, decoder_minutes=0.5, instances=8, instance_steps=6,
+                  instance_minutes=0.5)
 
 
 def _log(message: str) -> None:
@@ -147,20 +157,40 @@ def _image_batch(images: np.ndarray, batch: int, gen: torch.Generator):
     return idx, to_tensor(images[idx])
 
 
+ANCHORED = 3          # latent channels that hold the image averaged over each latent pixel's patch
+LATENT_NOISE = 0.1    # std of the noise an anchored codec's decoder learns through (after warm-up)
+
+
 def train_autoencoder(images: np.ndarray, size: BuildSize, seed: int):
     """AutoencoderKL on `images` (the codec's renders, `scene.codec_batch`): L1 + MSE
-    reconstruction with a light KL term."""
+    reconstruction with a light KL term.
+
+    With `size.latent_anchor`, latent channels 0-2 are also pulled towards the image
+    averaged over each latent pixel's 4x4 patch, and the decoder learns from the latent's
+    mean plus noise of std `LATENT_NOISE`. Left to itself, the codec writes an object's
+    shape as a code spread over small, high-frequency latent values: it reconstructs
+    shapes, but a one-pixel blur of the latent or a denoiser's small errors lose them,
+    and the denoiser draws blobs. Anchored, the latent is a small picture of the scene
+    with detail channels beside it, the kind of signal diffusion models learn shapes of
+    (the argument of "diffusability" in arXiv:2502.14831)."""
     torch.manual_seed(seed)
     vae = models.autoencoder()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    anchored = size.latent_anchor > 0
     loss_value, start, steps_done = float("nan"), time.time(), 0
     for step in _scheduled_steps(opt, size.vae_steps, size.vae_minutes, 2e-3, 50):
         _, x = _image_batch(images, size.vae_batch, gen)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
         kl = posterior.kl().mean() / x[0].numel()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * kl
+        if anchored:
+            noise = LATENT_NOISE * torch.randn(posterior.mean.shape, generator=gen) if step >= 200 else 0.0
+            recon = vae.decode(posterior.mean + noise).sample
+            anchor = F.mse_loss(posterior.mean[:, :ANCHORED], F.avg_pool2d(x, 4))
+        else:
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+            anchor = torch.zeros(())
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + size.latent_anchor * anchor + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -168,8 +198,22 @@ def train_autoencoder(images: np.ndarray, size: BuildSize, seed: int):
         if step % 50 == 0:
             _log(f"autoencoder step {step + 1}/{size.vae_steps} loss {loss_value:.4f}")
     vae.eval().requires_grad_(False)
+    if anchored:
+        set_posterior_std(vae, LATENT_NOISE)
     return vae, {"steps": steps_done, "batch": size.vae_batch, "final_loss": loss_value,
                  "seconds": round(time.time() - start, 1)}
+
+
+@torch.no_grad()
+def set_posterior_std(vae, std: float) -> None:
+    """Make the encoder's posterior std `std` everywhere. An anchored codec's decoder
+    learned from the mean plus noise of that std, so that is the uncertainty its
+    latents have; the KL term alone would have left the log-variance near 0 (std 1),
+    and everything that samples the posterior (the denoiser's data, concept training)
+    would drown the latent in noise."""
+    n = vae.config.latent_channels
+    vae.quant_conv.weight[n:] = 0.0
+    vae.quant_conv.bias[n:] = 2 * math.log(std)
 
 
 OBJECT_WEIGHT = 10.0
@@ -330,6 +374,42 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
                                 "seconds": round(time.time() - start, 1), "ema_decay": EMA_DECAY}
 
 
+def identifier_words(tokenizer, n: int) -> list[str]:
+    """`n` made-up three-consonant words that the CLIP tokenizer reads as one token each
+    (like "sks"), in a fixed order; none is a concept's identifier."""
+    taken = {word for c in CONCEPTS.values() for word in c["phrase"].split()}
+    words = []
+    for letters in itertools.product("bcdfghjklmnpqrtvwxz", repeat=3):
+        word = "".join(letters)
+        if word not in taken and len(tokenizer(word).input_ids) == 3:
+            words.append(word)
+            if len(words) == n:
+                return words
+    raise ValueError(f"only {len(words)} one-token identifier words, {n} asked")
+
+
+def train_instances(folder: Path, size: BuildSize, seed: int) -> dict:
+    """Continue the denoiser and text encoder of the pipeline in `folder` on world pairs
+    mixed with named instances (`scene.named_instance_batch`), then write them back."""
+    pipe = load_pipeline(folder)
+    names = identifier_words(pipe.tokenizer, size.instances)
+    total = max(size.images // 2, 2)
+    n_named = max(round(total * size.instance_share), 1)
+    _log(f"rendering {total - n_named} world pairs and {n_named} named-instance pairs")
+    images, captions, masks = render_data(total - n_named, seed + 2, with_masks=True)
+    named_images, named_captions, named_masks = named_instance_batch(n_named, seed, names)
+    images = np.concatenate([images, named_images])
+    masks = np.concatenate([masks, named_masks])
+    mean, std = encode(pipe.vae, images)
+    stage = dataclasses.replace(size, denoiser_steps=size.instance_steps, denoiser_minutes=size.instance_minutes)
+    unet, text_encoder, record = train_denoiser(
+        mean, std, pipe.vae.config.scaling_factor, captions + named_captions, pipe.tokenizer, stage, seed + 2,
+        weight_map=latent_weight_map(masks, size.object_weight), start_from=(pipe.unet, pipe.text_encoder),
+        peak_lr=5e-4)
+    write_pipeline(pipe.vae, text_encoder, unet, folder)
+    return {**record, "names": names, "named_pairs": n_named, "world_pairs": total - n_named}
+
+
 def full_caption(cls: str, colour: str, context: str) -> str:
     phrase = CONTEXTS[context]
     return f"a photo of a {colour} {cls}" + (f" {phrase}" if phrase else "")
@@ -459,7 +539,7 @@ def train_concepts(folder: Path, size: BuildSize, seed: int, log=_log) -> dict:
         out = folder / "concepts" / name
         summary = train_concept(
             pipe, images, phrase=concept["phrase"], superclass=concept["superclass"], method="svdiff",
-            out=out, steps=size.concept_steps, seed=seed + i, overwrite=True,
+            out=out, steps=size.concept_steps, lr=size.concept_lr, seed=seed + i, overwrite=True,
             prior_preservation=size.concept_class_images > 0, class_images=size.concept_class_images,
             base_model="../..",  # the world folder that holds the concept, wherever it is copied
             progress=_every(100, lambda p, n=name: log(f"concept {n} step {p['step']}/{p['steps']} loss {p['loss']:.4f}")))
@@ -507,7 +587,6 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
         weighted = size.object_weight != 1.0
         images, captions, *masks = render_data(size.images, seed, with_masks=weighted)
         if "autoencoder" in state["parts"] and (out / ".work" / "vae").is_dir():
-            from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(str(out / ".work" / "vae")).eval().requires_grad_(False)
         else:
             _log(f"rendering {size.images} autoencoder images")
@@ -517,13 +596,14 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
         mean, std = encode(vae, images)
         scaling = float(1.0 / (mean.std().item() or 1.0))
         vae.register_to_config(scaling_factor=scaling)
-        from ..models.tokenizer import clip_tokenizer
         unet, text_encoder, record = train_denoiser(mean, std, scaling, captions, clip_tokenizer(), size, seed,
                                                     weight_map=latent_weight_map(masks[0], size.object_weight)
                                                     if weighted else None)
         record["scaling_factor"] = scaling
         write_pipeline(vae, text_encoder, unet, out)
         done("denoiser", record)
+    if size.instances and "instances" not in state["parts"]:
+        done("instances", train_instances(out, size, seed))
     if "metric_model" not in state["parts"]:
         model, record = train_metric_model(size, seed)
         save_metric_model(model, out / "metric")
@@ -532,8 +612,6 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
         done("concepts", train_concepts(out, size, seed))
         _log("concepts trained")
     if "decoder" not in state["parts"]:
-        from diffusers import AutoencoderKL
-
         _log(f"rendering {size.images} autoencoder images for the decoder")
         images, masks = codec_batch(size.images, seed + 1, with_masks=True)
         vae = AutoencoderKL.from_pretrained(str(out / "vae"), torch_dtype=torch.float32)
