@@ -15,7 +15,7 @@ from PIL import Image
 from personalize.errors import UserError
 from personalize.models.tokenizer import clip_tokenizer
 from personalize.world import build, check, models
-from personalize.world.scene import CONCEPTS, instance_class, named_instance_batch
+from personalize.world.scene import CONCEPTS, codec_batch, instance_class, named_instance_batch
 
 
 def test_build_records_every_part(quick_world):
@@ -163,14 +163,10 @@ def test_denoiser_training_refuses_an_unknown_timestep_rule():
 
 
 def _codec_images(n=8, seed=3):
-    from personalize.world.scene import codec_batch
-
     return build.to_tensor(codec_batch(n, seed))
 
 
 def test_anchored_codec_pulls_its_first_channels_to_the_image_averages():
-    from personalize.world.scene import codec_batch
-
     images = codec_batch(64, 0)
     x = _codec_images(16, seed=9)
     gaps = {}

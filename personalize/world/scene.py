@@ -323,6 +323,15 @@ def _random_pattern(img: np.ndarray, mask: np.ndarray, box, rng: np.random.Gener
         img[mask & ((_XX - (x0 + x1) / 2) ** 2 + (_YY - (y0 + y1) / 2) ** 2 <= r * r)] = colours[1]
 
 
+def repainted(scene: Scene, mask: np.ndarray, pattern_rng: np.random.Generator) -> np.ndarray:
+    """The scene rendered with its object (`mask`) painted by `_random_pattern` drawing
+    from `pattern_rng`, instead of in its palette colour: (64, 64, 3) uint8."""
+    img = _background(scene.context, np.random.default_rng([scene.seed, 1])).astype(np.int64)
+    _random_pattern(img, mask, scene.box, pattern_rng)
+    noise = np.random.default_rng([scene.seed, 2]).integers(-NOISE, NOISE + 1, size=img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
 def codec_batch(n: int, seed: int, *, with_masks: bool = False):
     """Training images for the autoencoder, (n, 64, 64, 3) uint8: world scenes, most of
     them (60%) with the object repainted in random colours and patterns.
@@ -345,10 +354,7 @@ def codec_batch(n: int, seed: int, *, with_masks: bool = False):
         if rng.random() < 0.4:
             out[i] = render(scene)
             continue
-        img = _background(scene.context, np.random.default_rng([scene.seed, 1])).astype(np.int64)
-        _random_pattern(img, mask, scene.box, rng)
-        noise = np.random.default_rng([scene.seed, 2]).integers(-NOISE, NOISE + 1, size=img.shape)
-        out[i] = np.clip(img + noise, 0, 255).astype(np.uint8)
+        out[i] = repainted(scene, mask, rng)
     return (out, masks) if with_masks else out
 
 
@@ -416,10 +422,7 @@ def named_instance_batch(n: int, seed: int, names: list[str]):
         k = int(rng.integers(len(names)))
         scene = random_scene(rng, cls=instance_class(k))
         mask = object_mask(scene)
-        img = _background(scene.context, np.random.default_rng([scene.seed, 1])).astype(np.int64)
-        _random_pattern(img, mask, scene.box, np.random.default_rng([INSTANCE_SEED, k]))
-        noise = np.random.default_rng([scene.seed, 2]).integers(-NOISE, NOISE + 1, size=img.shape)
-        images[i], masks[i] = np.clip(img + noise, 0, 255).astype(np.uint8), mask
+        images[i], masks[i] = repainted(scene, mask, np.random.default_rng([INSTANCE_SEED, k])), mask
         words = f"a {names[k]} {scene.cls}"
         if rng.random() >= 0.3 and CONTEXTS[scene.context]:
             words += f" {CONTEXTS[scene.context]}"
