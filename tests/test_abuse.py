@@ -1,4 +1,5 @@
-"""The abuse run: `python app.py` on the world, with a study, serves an honest client and an
+"""The abuse run: `python app.py` on the world, with a study (the one test of the README's
+command and a Space's entry point as a process of its own), serves an honest client and an
 honest study participant while 10 other clients send the refused requests of the hardening
 tests for ABUSE_S seconds (30; `$PERSONALIZE_ABUSE_S`). Every client comes from its own
 address (X-Forwarded-For from loopback, which uvicorn trusts, as a Space's proxy is

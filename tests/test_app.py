@@ -221,16 +221,3 @@ def test_page_history_reloads_into_the_sliders(page):
     page.get_by_label("Run #").fill("1")
     page.get_by_text("Load run into the sliders").click()
     page.wait_for_function(f"document.querySelector('#sampler input').value === '{sampler}'", timeout=30_000)
-
-
-def test_python_app_py_runs_main():
-    """`python app.py` (the README's command and a Space's entry point) runs `main`: its
-    command line answers (tests/test_abuse.py serves the app this way)."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "app.py", "--no-such-option"], cwd=root, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2 and "unrecognized arguments: --no-such-option" in done.stderr
-    assert "--concepts-dir" in done.stderr                      # its own usage, not another program's

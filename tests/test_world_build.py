@@ -126,7 +126,7 @@ def test_decoder_finetune_keeps_the_encoder_and_weighs_objects():
     encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
     size = dataclasses.replace(build.QUICK, decoder_steps=3, vae_batch=4)
-    vae, record = build.finetune_decoder(vae, images, masks, size, seed=0)
+    vae, record = build.finetune_decoder(vae, images, masks, size, seed=0, detail_blur=2.0)
     assert record["steps"] == 3 and np.isfinite(record["final_loss"])
     # latents keep their meaning: the encoder is bitwise the same; the decoder learned
     assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
@@ -166,21 +166,63 @@ def _codec_images(n=8, seed=3):
     return build.to_tensor(codec_batch(n, seed))
 
 
-def test_anchored_codec_pulls_its_first_channels_to_the_image_averages():
-    images = codec_batch(64, 0)
-    x = _codec_images(16, seed=9)
+def test_anchored_codec_pulls_its_channels_to_the_image_averages_and_the_class_codes():
+    images, masks, classes = codec_batch(64, 0, with_masks=True, with_classes=True)
+    codes = build.class_maps(masks, classes)
+    x, x_masks, x_classes = codec_batch(16, 9, with_masks=True, with_classes=True)
+    x, x_codes = build.to_tensor(x), build.class_maps(x_masks, x_classes)
     gaps = {}
-    for anchor in (0.0, 5.0):
+    for anchor in (0.0, 5.0):   # the negative control: no anchor, no class codes
         size = dataclasses.replace(build.QUICK, vae_steps=12, vae_minutes=5.0, latent_anchor=anchor)
-        vae, _ = build.train_autoencoder(images, size, seed=0)
+        vae, _ = build.train_autoencoder(images, size, seed=0, codes=codes if anchor else None)
         with torch.no_grad():
             dist = vae.encode(x).latent_dist
-        gaps[anchor] = torch.nn.functional.mse_loss(dist.mean[:, :build.ANCHORED],
-                                                    torch.nn.functional.avg_pool2d(x, 4)).item()
+        gaps[anchor] = (
+            torch.nn.functional.mse_loss(dist.mean[:, :build.ANCHORED], torch.nn.functional.avg_pool2d(x, 4)).item(),
+            torch.nn.functional.mse_loss(dist.mean[:, build.CLASS_CHANNEL:build.CLASS_CHANNEL + 1], x_codes).item())
         if anchor:
             # its decoder learned through noise of LATENT_NOISE: the posterior says so
             assert torch.allclose(dist.std, torch.full_like(dist.std, build.LATENT_NOISE), rtol=1e-4)
-    assert gaps[5.0] < 0.5 * gaps[0.0]
+    # the class code needs the shape recognised: after 12 steps it is a weaker pull
+    assert gaps[5.0][0] < 0.5 * gaps[0.0][0] and gaps[5.0][1] < 0.75 * gaps[0.0][1], gaps
+
+
+def test_blurred_detail_softens_only_the_detail_channels():
+    z = torch.randn(2, models.LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(0))
+    soft = build.blurred_detail(z, 1.5)
+    kept = build.CLASS_CHANNEL + 1
+    assert torch.equal(soft[:, :kept], z[:, :kept])
+    assert soft[:, kept:].std() < 0.5 * z[:, kept:].std()            # white noise loses most of its variance
+    assert torch.equal(build.blurred_detail(z, 0.0), z)
+
+
+def test_class_maps_hold_each_objects_code_where_it_lies():
+    _, masks, classes = codec_batch(6, 2, with_masks=True, with_classes=True)
+    maps = build.class_maps(masks, classes)
+    assert maps.shape == (6, 1, 16, 16)
+    for m, mask, k in zip(maps[:, 0], masks, classes):
+        inside = torch.from_numpy(mask.reshape(16, 4, 16, 4).all(axis=(1, 3)))   # latent pixels all object
+        outside = torch.from_numpy(~mask.reshape(16, 4, 16, 4).any(axis=(1, 3)))
+        assert inside.any() and torch.allclose(m[inside], build.CLASS_CODES[k].expand(int(inside.sum())))
+        assert torch.all(m[outside] == 0)
+    # the classes come from the same scenes as the images: asking for them changes nothing
+    assert np.array_equal(codec_batch(6, 2), codec_batch(6, 2, with_classes=True)[0])
+
+
+def test_the_denoisers_text_encoder_starts_as_the_metric_models_text_tower(quick_world):
+    import open_clip
+
+    out, world = quick_world
+    assert world["parts"]["denoiser"]["text_encoder"] == "metric"
+    clip = open_clip.create_model(f"local-dir:{out / 'metric'}").eval()
+    ids = build.tokenize(clip_tokenizer(), ["a red ball in the snow", "a sks star", ""])
+    with torch.no_grad():
+        theirs = clip.ln_final(clip.transformer(clip.token_embedding(ids) + clip.positional_embedding,
+                                                attn_mask=clip.attn_mask))
+        ours = models.text_encoder_from_metric(clip)(ids)[0]
+        fresh = models.text_encoder()(ids)[0]    # the negative control: an untrained tower
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(fresh, theirs, atol=1e-2)
 
 
 def test_identifier_words_are_single_new_tokens():

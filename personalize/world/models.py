@@ -8,7 +8,8 @@ two colours and the edge's place, and four numbers learned that too slowly for a
 hour: after 10 minutes a four-channel codec still turned black-and-white stripes green),
 the denoiser is a Stable-Diffusion-style UNet with cross-attention at 16x16 and
 8x8 so that attention masks and attention swaps act as they do on SD, and the text
-encoder is a small CLIP text transformer over the real CLIP tokenizer.
+encoder is a small CLIP text transformer over the real CLIP tokenizer, shaped like the
+metric model's text tower so that a build can start it from that tower.
 """
 
 from __future__ import annotations
@@ -68,11 +69,39 @@ def denoiser():
 
 
 def text_encoder():
+    """A CLIP text transformer shaped like the metric model's text tower, so that tower's
+    weights load into it (`text_encoder_from_metric`)."""
+    text = METRIC_MODEL_CONFIG["text_cfg"]
     return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+        vocab_size=text["vocab_size"], hidden_size=text["width"], intermediate_size=4 * text["width"],
+        num_hidden_layers=text["layers"], num_attention_heads=text["heads"], max_position_embeddings=text["context_length"],
+        projection_dim=text["width"], hidden_act="quick_gelu" if METRIC_MODEL_CONFIG["quick_gelu"] else "gelu",
         **CLIP_TOKEN_IDS,
     ))
+
+
+def text_encoder_from_metric(clip) -> CLIPTextModel:
+    """The metric model's text tower as a transformers `CLIPTextModel` (the layout
+    diffusers pipelines hold): its hidden states are the tower's, before the pooling and
+    projection that only the contrastive loss uses. Stable Diffusion conditions on a
+    contrastively trained text encoder in the same way (arXiv:2112.10752, section 4.3)."""
+    state = clip.state_dict()
+    layers = METRIC_MODEL_CONFIG["text_cfg"]["layers"]
+    weights = {"embeddings.token_embedding.weight": state["token_embedding.weight"],
+               "embeddings.position_embedding.weight": state["positional_embedding"],
+               "final_layer_norm.weight": state["ln_final.weight"], "final_layer_norm.bias": state["ln_final.bias"]}
+    for i in range(layers):
+        theirs, ours = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                     ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")):
+            for kind in ("weight", "bias"):
+                weights[f"{ours}{b}.{kind}"] = state[f"{theirs}{a}.{kind}"]
+        for kind in ("weight", "bias"):   # open_clip keeps q, k and v as one matrix
+            for part, name in zip(state[f"{theirs}attn.in_proj_{kind}"].chunk(3), "qkv"):
+                weights[f"{ours}self_attn.{name}_proj.{kind}"] = part
+    encoder = text_encoder()
+    encoder.load_state_dict({k: v.float() for k, v in weights.items()})
+    return encoder
 
 
 def metric_model():

@@ -332,7 +332,7 @@ def repainted(scene: Scene, mask: np.ndarray, pattern_rng: np.random.Generator) 
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
-def codec_batch(n: int, seed: int, *, with_masks: bool = False):
+def codec_batch(n: int, seed: int, *, with_masks: bool = False, with_classes: bool = False):
     """Training images for the autoencoder, (n, 64, 64, 3) uint8: world scenes, most of
     them (60%) with the object repainted in random colours and patterns.
 
@@ -341,13 +341,16 @@ def codec_batch(n: int, seed: int, *, with_masks: bool = False):
     model's palette, or a concept's references decode to other colours and no amount of
     fine-tuning can draw them. The patterns are generic random ones, not the concepts'
     looks, and no caption comes with them: the denoiser never sees these images.
-    With `with_masks`, also each image's object pixels, (n, 64, 64) bool.
+    With `with_masks`, also each image's object pixels, (n, 64, 64) bool; with
+    `with_classes`, also each object's class (n,), an index into `CLASSES`.
     """
     rng = np.random.default_rng([seed, 11])
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     masks = np.empty((n, SIZE, SIZE), bool) if with_masks else None
+    classes = np.empty(n, np.int64)
     for i in range(n):
         scene = random_scene(rng)
+        classes[i] = CLASSES.index(scene.cls)
         mask = object_mask(scene)
         if masks is not None:
             masks[i] = mask
@@ -355,7 +358,8 @@ def codec_batch(n: int, seed: int, *, with_masks: bool = False):
             out[i] = render(scene)
             continue
         out[i] = repainted(scene, mask, rng)
-    return (out, masks) if with_masks else out
+    extra = ([masks] if with_masks else []) + ([classes] if with_classes else [])
+    return (out, *extra) if extra else out
 
 
 # --- captions and prompts ---------------------------------------------------------------
