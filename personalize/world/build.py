@@ -630,9 +630,9 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
     pipeline_ready = all((out / p).exists() for p in PIPELINE_PARTS) and "denoiser" in state["parts"]
     if size.text_encoder not in ("metric", "joint"):
         raise ValueError(f"text_encoder must be 'metric' or 'joint', got {size.text_encoder!r}")
-    # The metric model comes first: with text_encoder="metric" its text tower conditions the
-    # denoiser (a tower trained jointly with the denoiser told the four shapes apart about
-    # 4x less than colours; the contrastive one separates them almost as well as colours).
+    # The metric model comes first: with text_encoder="metric" its text tower starts the
+    # denoiser's text encoder (one trained from scratch beside the denoiser kept prompts that
+    # differ only in the class word 4x closer than the contrastive tower does).
     if "metric_model" not in state["parts"]:
         model, record = train_metric_model(size, seed)
         save_metric_model(model, out / "metric")
