@@ -162,10 +162,6 @@ def test_denoiser_training_refuses_an_unknown_timestep_rule():
         build.train_denoiser(torch.zeros(2, 8, 16, 16), torch.zeros(2, 8, 16, 16), 1.0, ["", ""], None, size, 0)
 
 
-def _codec_images(n=8, seed=3):
-    return build.to_tensor(codec_batch(n, seed))
-
-
 def test_anchored_codec_pulls_its_channels_to_the_image_averages_and_the_class_codes():
     images, masks, classes = codec_batch(64, 0, with_masks=True, with_classes=True)
     codes = build.class_maps(masks, classes)
@@ -211,6 +207,7 @@ def test_class_maps_hold_each_objects_code_where_it_lies():
 
 def test_the_denoisers_text_encoder_starts_as_the_metric_models_text_tower(quick_world):
     import open_clip
+    from transformers import CLIPTextModel
 
     out, world = quick_world
     assert world["parts"]["denoiser"]["text_encoder"] == "metric"
@@ -221,8 +218,11 @@ def test_the_denoisers_text_encoder_starts_as_the_metric_models_text_tower(quick
                                                 attn_mask=clip.attn_mask))
         ours = models.text_encoder_from_metric(clip)(ids)[0]
         fresh = models.text_encoder()(ids)[0]    # the negative control: an untrained tower
+        built = CLIPTextModel.from_pretrained(str(out / "text_encoder"))(ids)[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(fresh, theirs, atol=1e-2)
+    # the build started from the tower: a few quick steps later it is still near it
+    assert (built - theirs).abs().mean() < 0.5 * (fresh - theirs).abs().mean()
 
 
 def test_identifier_words_are_single_new_tokens():

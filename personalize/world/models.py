@@ -43,7 +43,7 @@ NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02
 METRIC_MODEL_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 4, "layers": 3},
     "quick_gelu": False,
 }
 
@@ -74,8 +74,9 @@ def text_encoder():
     text = METRIC_MODEL_CONFIG["text_cfg"]
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=text["vocab_size"], hidden_size=text["width"], intermediate_size=4 * text["width"],
-        num_hidden_layers=text["layers"], num_attention_heads=text["heads"], max_position_embeddings=text["context_length"],
-        projection_dim=text["width"], hidden_act="quick_gelu" if METRIC_MODEL_CONFIG["quick_gelu"] else "gelu",
+        num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
+        max_position_embeddings=text["context_length"], projection_dim=text["width"],
+        hidden_act="quick_gelu" if METRIC_MODEL_CONFIG["quick_gelu"] else "gelu",
         **CLIP_TOKEN_IDS,
     ))
 
