@@ -176,3 +176,18 @@ def test_sd2_architecture_has_sd2_base_parameter_counts():
     assert count(vae) == 83_653_863
     assert count(text_encoder) == 340_387_840
     assert SD2.size == 512
+
+
+def test_without_a_model_bench_times_the_shipped_world():
+    from argparse import Namespace
+
+    from personalize.cli.bench import load
+    from personalize.world.paths import is_world, shipped_world
+
+    world = shipped_world()
+    if world is None:
+        pytest.skip("no world is shipped in this checkout")
+    _, model = load(Namespace(model=None, arch=None, device="cpu", dtype="float32"))
+    assert model == str(world) and is_world(model)
+    _, named = load(Namespace(model=None, arch="demo", device="cpu", dtype="float32"))
+    assert named.startswith("arch:demo")   # an --arch still means random weights

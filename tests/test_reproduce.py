@@ -3,6 +3,8 @@ sweep rows, and a second run that resumes to the same report."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from personalize.evaluation import reproduce as R
@@ -54,8 +56,20 @@ def test_rerun_resumes_to_the_same_report(report, world):
     meta = R.reproduce(world, out, quick=True, steps=2, progress=False)
     assert meta["new_images"] == 0
     after = (out / "report.md").read_text().splitlines()
-    timing = lambda lines: [l for l in lines if not l.startswith("Sweep wall time")]  # noqa: E731
-    assert timing(before) == timing(after)
+    assert before == after  # the wall time counts only runs that computed images
+    runs = json.loads((out / R.TIMING_FILE).read_text())
+    assert len(runs) == 2 and runs[0]["new_images"] > 0 and runs[1]["new_images"] == 0
+    assert f"{runs[0]['new_images']} images in 1 run(s)" in "\n".join(after)
+
+
+def test_wall_time_sums_the_runs_that_computed_images():
+    runs = [{"seconds": 100.0, "new_images": 200, "processes": 2}, {"seconds": 50.0, "new_images": 100,
+                                                                     "processes": 1},
+            {"seconds": 3.0, "new_images": 0, "processes": 1}]
+    line = R.wall_time(runs)
+    assert "150 s" in line and "300 images in 2 run(s)" in line and "1/2 process(es)" in line
+    assert "2.00 images/s" in line
+    assert "no images" in R.wall_time([{"seconds": 1.0, "new_images": 0, "processes": 1}])
 
 
 def test_pure_numbers():
@@ -68,3 +82,64 @@ def test_pure_numbers():
     grid = {s["name"]: s["points"] for s in R.study_samplers(25)}
     assert [p["t_sw"] for p in grid["switching"]] == [1, 2, 3, 4, 5, 10, 15, 20]
     assert len(grid["profusion"]) == 9 and len(grid["masked"]) == 4 and len(grid["photoswap"]) == 3
+
+
+def test_throughput_batches_the_same_denoiser_work(world):
+    """The three ways make the same images with the same denoiser rows; only the sweep's
+    way puts every image of a step in one call (a loop that ran images one by one would
+    show `steps * images` calls)."""
+    from personalize.world.check import load_world_pipeline
+
+    steps, prompts, images = 2, 2, 3
+    t = R.throughput(load_world_pipeline(world), prompts=prompts, images=images, steps=steps)
+    ways, n = t["ways"], prompts * images
+    assert {w["denoiser_rows"] for w in ways.values()} == {2 * steps * n}   # CFG: two rows per image and step
+    assert ways["sweep"]["denoiser_calls"] == steps
+    assert ways["generate"]["denoiser_calls"] == steps * n
+    assert ways["diffusers"]["denoiser_calls"] == steps * prompts
+    assert t["sweep_vs_generate"] == pytest.approx(ways["sweep"]["images_per_s"] / ways["generate"]["images_per_s"])
+
+
+def test_bench_on_a_world_prints_the_throughput_row(world):
+    import contextlib
+    import io
+
+    from personalize.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["bench", "--model", str(world), "--samplers", "concept", "--no-training", "--repeats", "1",
+                     "--warmup", "0", "--steps", "2", "--throughput-images", "1"]) == 0
+    table = out.getvalue()
+    assert "sweep (batched, as reproduce runs)" in table and "one generate per image" in table
+    row = next(line for line in table.splitlines() if line.startswith("sweep / generate"))
+    value = float(row.split(")")[1].split()[0])
+    assert row.endswith("met" if value >= R.THROUGHPUT_TARGET else "MISSED")
+
+
+def test_throughput_verdict_follows_the_target():
+    from personalize.evaluation.bench import format_throughput
+
+    ways = {w: {"images_per_s": 1.0, "denoiser_calls": 1, "denoiser_rows": 2} for w in ("sweep", "generate",
+                                                                                       "diffusers")}
+    base = {"images": 4, "prompts": 2, "steps": 2, "size": 64, "ways": ways, "sweep_vs_diffusers": 1.0,
+            "min_sweep_vs_generate": 3.0}
+    assert format_throughput(dict(base, sweep_vs_generate=3.2))[-2].endswith(" met")
+    assert format_throughput(dict(base, sweep_vs_generate=2.9))[-2].endswith("MISSED")
+
+
+def test_a_two_point_claim_within_the_intervals_is_not_resolved():
+    def point(sampler, params, y, ci):
+        return {"sampler": sampler, "params": params, "ts": 0.3, "is": y, "is_ci": ci}
+
+    def verdict(top, ci):
+        points = [point("concept", {"w": 7.0}, 0.42, ci)] + [point("profusion", {"r": r}, v, ci)
+                                                             for r, v in ((0.1, 0.40), (0.5, 0.41), (1.0, top))]
+        return dict((c, v) for c, v, _ in R.findings(points, "ts", "is"))["ProFusion exceeds concept sampling's "
+                                                                           "fidelity at high r"]
+
+    assert verdict(0.43, 0.02) == "not resolved"
+    assert verdict(0.50, 0.02) == "confirmed"
+    assert verdict(0.30, 0.02) == "NOT confirmed"
+    lo, hi = R.interval({"f": 0.5, "f_ci": (0.4, 0.6)}, "f")
+    assert (lo, hi) == (0.4, 0.6)

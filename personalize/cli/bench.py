@@ -10,17 +10,18 @@ import sys
 from personalize.errors import UserError
 from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
 from personalize.models.architectures import ARCHITECTURES, build_pipeline
-from personalize.models.loading import check_device, load_pipeline
+from personalize.models.loading import check_device, default_model, load_pipeline
 from personalize.sampling.samplers import SAMPLERS
 from personalize.training.recipes import METHODS, recipe
+from personalize.world.paths import is_world
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a diffusers pipeline folder or hub id to time instead of a random-weight --arch")
+                        help="a diffusers pipeline folder or hub id to time (default: the default model, docs/interfaces.md)")
     parser.add_argument("--arch", default=None, choices=ARCH_CHOICES,
-                        help="random-weight architecture: mid (default; CPU-sized), sd2 (SD 2 base; for GPUs), "
-                             "demo (tiny)")
+                        help="random-weight architecture instead of a model: mid (CPU-sized), sd2 (SD 2 base; "
+                             "for GPUs), demo (tiny)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=10)
@@ -35,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--training-steps", type=int, default=3,
                         help="optimizer steps per training method; the first is warm-up (default 3)")
     parser.add_argument("--no-training", action="store_true", help="skip the training section")
+    parser.add_argument("--throughput-images", type=int, default=8,
+                        help="on a world (--model with world.json): images per prompt of the throughput section, "
+                             "4 prompts; 0 skips it (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -48,7 +52,8 @@ def command(args) -> int:
     pipe, model = load(args)
     report = run_bench(pipe, model=model, names=names, device=args.device, dtype=args.dtype, steps=args.steps,
                        size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                       progress=progress_line, training_methods=training, training_steps=args.training_steps)
+                       progress=progress_line, training_methods=training, training_steps=args.training_steps,
+                       throughput_images=args.throughput_images if is_world(model) else 0)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -61,6 +66,7 @@ def check_args(args) -> list[str]:
         raise UserError("bench: give --model (a pipeline to time) or --arch (a random-weight architecture), not both")
     for name, value, low in (("--steps", args.steps, 1), ("--repeats", args.repeats, 1),
                              ("--warmup", args.warmup, 0), ("--seed", args.seed, 0),
+                             ("--throughput-images", args.throughput_images, 0),
                              ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             raise UserError(f"{name}: {value} must be at least {low}")
@@ -98,12 +104,16 @@ def check_training_args(args) -> list[str]:
 def load(args):
     """The pipeline to time and how the report names it."""
 
-    if args.model is not None:
+    model = args.model
+    if model is None and args.arch is None:
+        model, why = default_model()   # as every verb does when no model is named
+        progress_line(f"model: {model} ({why})")
+    if model is not None:
         # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.
-        return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler="ddim"), args.model
+        return load_pipeline(model, device=args.device, dtype=args.dtype, scheduler="ddim"), str(model)
 
     device, dtype = check_device(args.device, args.dtype)
-    arch = ARCHITECTURES[args.arch or "mid"]
+    arch = ARCHITECTURES[args.arch]
     return build_pipeline(arch, device=device, dtype=dtype), f"arch:{arch.name} ({arch.description})"
 
 

@@ -29,6 +29,8 @@ def command(args) -> int:
                             "and give its folder")
     meta = reproduce(world, args.out, quick=args.quick, images=args.images, steps=args.steps,
                      batch_images=args.batch_images, progress=not args.no_progress)
+    if "runs" not in meta:
+        return 0  # another process of `accelerate launch`: the first one reports
     print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.html'} "
           f"({meta['new_images']} new images, {meta['seconds']:.0f} s)", file=sys.stderr)
     return 0

@@ -9,10 +9,8 @@ memory (process RSS on the CPU, max allocated on CUDA), and the ratios of median
 against the targets in `TARGETS`. Then, unless skipped, every training method on the
 same pipeline (`personalize.training.bench.training_bench`): seconds per optimizer step,
 peak and added memory, the size of the files written, and each as a ratio of SVDiff's
-(the study's method), with one step's time in denoiser rows of sampling.
-
-Heavy packages (torch, diffusers) are imported inside functions: the command line
-imports this module to build its parser.
+(the study's method), with one step's time in denoiser rows of sampling. On a world, the
+sweep's batched throughput against one image at a time (`reproduce.throughput`).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import torch
 
 from personalize.errors import UserError
 from personalize.evaluation.memory import PeakMemory
+from personalize.evaluation.reproduce import throughput
 from personalize.models.demo import DEMO_CONCEPT
 from personalize.prompts import prompt_pair
 from personalize.sampling import engine
@@ -75,10 +74,12 @@ TARGETS = (
 
 def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype: str = "float32", steps: int = 10,
               size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0, progress=None,
-              training_methods=None, training_steps: int = 3) -> dict:
+              training_methods=None, training_steps: int = 3, throughput_images: int = 0) -> dict:
     """Time diffusers' pipeline and the samplers `names` on `pipe`, then the training
     methods `training_methods` (None: every one; empty: none) for `training_steps` steps
-    at the same size; returns the report (the `--json` object)."""
+    at the same size; with `throughput_images` (a world), the sweep's batched throughput
+    against one image at a time on 4 prompts of that many images each (`throughput`);
+    returns the report (the `--json` object)."""
 
     size = size or default_size(pipe)[0]
     train = training_methods is None or len(training_methods) > 0
@@ -103,6 +104,10 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
               "diffusers_concept_s": results[DIFFUSERS]["s"], DIFFUSERS: results.pop(DIFFUSERS),
               "samplers": results, "machine": dict(machine(device), load_start=load_start)}
     report["ratios"] = ratios(report)
+    if throughput_images:
+        if progress is not None:
+            progress(f"throughput: 4 prompts x {throughput_images} images, three ways")
+        report["throughput"] = throughput(pipe, images=throughput_images, steps=steps, size=size)
     if train:
         if progress is not None:
             progress(f"training: {training_steps} steps per method")
@@ -277,6 +282,8 @@ def format_report(report: dict) -> str:
     for name, r in report["ratios"].items():
         target = f"{r['min']:.2f}..{r['max']:.2f}" if "min" in r else f"<= {r['max']:.2f}"
         lines.append(f"{name:<34} {r['value']:>6.3f}  {target:<11} {'met' if r['met'] else 'MISSED'}")
+    if "throughput" in report:
+        lines += ["", *format_throughput(report["throughput"])]
     if "training" in report:
         lines += ["", *format_training(report["training"])]
     m = report["machine"]
@@ -285,6 +292,22 @@ def format_report(report: dict) -> str:
     if m.get("load_start") is not None:
         lines.append(f"load average (1 min): {m['load_start']:.2f} at the start, {m['load_end']:.2f} at the end")
     return "\n".join(lines)
+
+
+def format_throughput(t: dict) -> list[str]:
+    """The throughput section: images per second three ways, then the sweep's ratios."""
+    lines = [f"throughput: concept sampling, {t['images']} images ({t['prompts']} prompts), {t['steps']} steps, "
+             f"{t['size']}x{t['size']}",
+             f"{'way':<34} {'images/s':>9} {'calls':>6} {'rows':>6}"]
+    labels = {"sweep": "sweep (batched, as reproduce runs)", "generate": "one generate per image",
+              "diffusers": "diffusers' pipeline per prompt"}
+    for name, w in t["ways"].items():
+        lines.append(f"{labels[name]:<34} {w['images_per_s']:>9.2f} {w['denoiser_calls']:>6} {w['denoiser_rows']:>6}")
+    met = t["sweep_vs_generate"] >= t["min_sweep_vs_generate"]
+    lines += [f"{'sweep / generate (images per s)':<34} {t['sweep_vs_generate']:>9.2f}  >= "
+              f"{t['min_sweep_vs_generate']:.2f} {'met' if met else 'MISSED'}",
+              f"{'sweep / diffusers (images per s)':<34} {t['sweep_vs_diffusers']:>9.2f}"]
+    return lines
 
 
 def format_training(training: dict) -> list[str]:

@@ -26,20 +26,20 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from personalize.concepts import apply_concept
 from personalize.errors import UserError
 from personalize.evaluation.pareto import AXES, curves, figure, pareto_front, summarize
 from personalize.evaluation.prompt_sets import WORLD
-from personalize.evaluation.sweep import RESULTS, read_rows, run_sweep
-from personalize.evaluation.sweep_config import is_world, load_config
+from personalize.evaluation.sweep import RESULTS, process_state, read_rows, run_sweep
+from personalize.evaluation.sweep_config import parse_config
 from personalize.prompts import prompt_pair
 from personalize.sampling.batched import Item, run_many
 from personalize.sampling.engine import run
 from personalize.sampling.samplers import configure
-from personalize.world.check import load_world_pipeline
+from personalize.world.paths import is_world
 
 STEPS = 25          # the world's DDIM steps
 STUDY_STEPS = 50    # the study's grids are in steps of a 50-step run
+THROUGHPUT_TARGET = 3.0  # the sweep's images per second over one `generate` per image, at least
 
 
 def _steps(t: int, steps: int) -> int:
@@ -143,15 +143,29 @@ def _nearest(p, others) -> float:
     return min(math.dist(p, o) for o in others) if others else float("nan")
 
 
+UNRESOLVED = "unresolved"  # a comparison of two points whose 95% intervals overlap
+
+
+def interval(point: dict, col: str) -> tuple[float, float]:
+    """A point's 95% interval of `col`: mean +- half-width for IS/TS, Wilson for shares."""
+    ci = point.get(col + "_ci")
+    if isinstance(ci, tuple):
+        return ci
+    half = ci or 0.0
+    return point[col] - half, point[col] + half
+
+
 def findings(points: list[dict], x: str, y: str) -> list[tuple[str, str, str]]:
     """The study's qualitative claims, each with a verdict measured in the (x, y) plane:
-    (claim, verdict, the number behind it)."""
+    (claim, verdict, the number behind it). A claim about two single points is "not
+    resolved" where their 95% intervals overlap."""
     of = lambda name: [p for p in points if p["sampler"] == name]  # noqa: E731
     xy = lambda ps: [(p[x], p[y]) for p in ps]  # noqa: E731
     mixed, out = of("mixed"), []
 
     def add(claim, ok, detail):
-        out.append((claim, "not measured" if ok is None else ("confirmed" if ok else "NOT confirmed"), detail))
+        verdict = {None: "not measured", UNRESOLVED: "not resolved"}.get(ok, "confirmed" if ok else "NOT confirmed")
+        out.append((claim, verdict, detail))
 
     ws = [p["params"]["w_s"] for p in mixed]
     rx, ry = spearman(ws, [p[x] for p in mixed]), spearman(ws, [p[y] for p in mixed])
@@ -193,9 +207,12 @@ def findings(points: list[dict], x: str, y: str) -> list[tuple[str, str, str]]:
         add("ProFusion approaches mixed as r falls", None, f"{len(pf)} ProFusion point(s)")
     concept = of("concept")
     if pf and concept:
-        top = pf[-1]
-        add("ProFusion exceeds concept sampling's fidelity at high r", top[y] > concept[0][y],
-            f"{y} at r={top['params']['r']:g}: {top[y]:.3f}; concept sampling {concept[0][y]:.3f}")
+        top, base = pf[-1], concept[0]
+        (lo, hi), (base_lo, base_hi) = interval(top, y), interval(base, y)
+        ok = UNRESOLVED if lo <= base_hi and base_lo <= hi else top[y] > base[y]
+        add("ProFusion exceeds concept sampling's fidelity at high r", ok,
+            f"{y} at r={top['params']['r']:g}: {top[y]:.3f} [{lo:.3f}, {hi:.3f}]; concept sampling "
+            f"{base[y]:.3f} [{base_lo:.3f}, {base_hi:.3f}]")
     else:
         add("ProFusion exceeds concept sampling's fidelity at high r", None, "n/a")
     return out
@@ -277,14 +294,24 @@ def _f(v: float, digits: int = 3) -> str:
     return "n/a" if v != v else f"{v:.{digits}f}"
 
 
+def wall_time(runs: list[dict]) -> str:
+    """The report's line on time: the sum over the runs that computed images."""
+    worked = [r for r in runs if r["new_images"]]
+    seconds, images = sum(r["seconds"] for r in worked), sum(r["new_images"] for r in worked)
+    if not images:
+        return "Wall time: no images computed by a run that finished."
+    procs = sorted({r["processes"] for r in worked})
+    return (f"Wall time {seconds:.0f} s ({seconds / 60:.1f} min) for {images} images in {len(worked)} run(s) "
+            f"of {'/'.join(map(str, procs))} process(es): {images / seconds:.2f} images/s.")
+
+
 def report_md(rows: list[dict], meta: dict, png_note: str | None, chart_list) -> str:
     points = point_table(rows)
     lines = ["# The study reproduced on the world", "",
              f"World: `{meta['world']}`; {meta['concepts']} concept(s), {meta['prompts']} prompt(s), "
              f"{meta['images_per_prompt']} image(s) per prompt, {meta['steps']} DDIM steps; "
              f"{len(points)} sampler points, {len(rows)} images.",
-             f"Sweep wall time {meta['seconds']:.0f} s for the {meta['new_images']} images computed in the last "
-             f"run ({meta['images_per_second']:.2f} images/s); metric model: {meta['metric_models']}; no DINO.",
+             wall_time(meta["runs"]) + f" Metric model: {meta['metric_models']}; no DINO.",
              "", "IS/TS from the world's metric model; fidelities from the judge, read from pixels "
              "(docs/world.md). Intervals are 95% (normal for IS/TS, Wilson for fidelities).", "",
              "## Per sampler point", "",
@@ -315,28 +342,55 @@ def report_md(rows: list[dict], meta: dict, png_note: str | None, chart_list) ->
     return "\n".join(lines) + "\n"
 
 
+TIMING_FILE = "runs.json"  # one entry per run of the command: the report's wall time is their sum
+
+
+def record_run(out: Path, seconds: float, new_images: int, processes: int) -> list[dict]:
+    """Append this run to `out/runs.json` (written whole, then renamed, so a kill leaves
+    the old file) and return every run so far."""
+    path = out / TIMING_FILE
+    runs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1),
+                 "new_images": new_images, "processes": processes})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return runs
+
+
 def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images: int | None = None,
               steps: int | None = None, batch_images: int = 64, progress: bool = True) -> dict:
-    """Run (or resume) the study's sweeps on `world` into `out/sweep`, then write the report."""
+    """Run (or resume) the study's sweeps on `world` into `out/sweep`, then write the report.
+
+    Under `accelerate launch --num_processes N` every process takes its share of the
+    sweep (`run_sweep`); the first process alone writes the config, the timing and the
+    report. A killed run's time is lost with it: the recorded wall time counts the runs
+    that finished."""
 
     world, out = Path(world).expanduser().resolve(), Path(out)
     if not is_world(world):
         raise UserError(f"--world: {world} is not a world (no world.json); build one with `personalize world build`")
     steps = steps or (4 if quick else STEPS)
     images = images or (1 if quick else 10)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "sweep.yaml"
-    config_path.write_text(yaml.safe_dump(study_config(world, quick=quick, images=images, steps=steps,
-                                                       batch_images=batch_images), sort_keys=False))
-    config = load_config(config_path)
+    raw = study_config(world, quick=quick, images=images, steps=steps, batch_images=batch_images)
+    config = parse_config(raw, base=out)
+    state = process_state(config.device)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # what ran, for `personalize sweep`
     started = time.perf_counter()
     summary = run_sweep(config, out / "sweep", progress=progress)
     seconds = time.perf_counter() - started
-    rows = read_rows(out / "sweep" / RESULTS)
+    new_images = summary.rows - summary.done_before
     meta = {"world": world.name, "concepts": len(config.concepts), "prompts": len(config.concepts[0].prompts),
-            "images_per_prompt": images, "steps": steps, "seconds": seconds, "new_images": summary.images,
-            "images_per_second": summary.images / seconds if summary.images else 0.0,
-            "metric_models": rows[0]["metric_models"] if rows else ""}
+            "images_per_prompt": images, "steps": steps, "seconds": seconds, "new_images": new_images,
+            "images_per_second": new_images / seconds if new_images else 0.0, "processes": state.num_processes}
+    if not state.is_main_process:
+        return meta
+    runs = record_run(out, seconds, new_images, state.num_processes)
+    meta["runs"] = runs
+    rows = read_rows(out / "sweep" / RESULTS)
+    meta["metric_models"] = rows[0]["metric_models"] if rows else ""
     chart_list = charts(rows)
     write_html(out / "report.html", chart_list)
     png_note = write_pngs(out / "charts", chart_list)
@@ -348,34 +402,54 @@ def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images
 # Throughput (a row for `bench`)
 
 
-def throughput(world: str | Path, *, prompts: int = 4, images: int = 4, steps: int = STEPS,
-               sampler: str = "concept") -> dict:
-    """Images per second on the world, the same images three ways: the sweep's batched
-    loop (all prompts and images in one loop), one `engine.run` per image (as `generate`
-    runs), and diffusers' own pipeline once per prompt. Concept sampling (w = 7) is what
-    diffusers' pipeline can run too."""
+class DenoiserCount:
+    """Counts the denoiser's calls and batch rows while installed (a forward pre-hook)."""
 
-    world = Path(world)
-    pipe = load_world_pipeline(world)
-    apply_concept(pipe, world / "concepts" / "star")
-    config = configure(sampler, {}, steps)
-    pairs = [prompt_pair(t, "sks star", "star") for t in WORLD[:prompts]]
-    n = prompts * images
-    t0 = time.perf_counter()
-    run_many(pipe, [Item(p, 0) for p in pairs], config, num_images=images, height=64, width=64,
-             concept_phrase="sks star")
-    batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in pairs:
-        for k in range(images):
-            run(pipe, p, config, seed=k, num_images=1, height=64, width=64, concept_phrase="sks star")
-    single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in pairs:
-        pipe(p.concept, num_inference_steps=steps, guidance_scale=7.0, height=64, width=64,
-             num_images_per_prompt=images, generator=torch.Generator().manual_seed(0))
-    diffusers = time.perf_counter() - t0
-    return {"images": n, "steps": steps, "sampler": sampler,
-            "sweep_images_per_s": n / batched, "generate_images_per_s": n / single,
-            "diffusers_images_per_s": n / diffusers,
-            "sweep_vs_generate": single / batched, "sweep_vs_diffusers": diffusers / batched}
+    def __init__(self, unet):
+        self.unet, self.calls, self.rows = unet, 0, 0
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.calls += 1
+        self.rows += sample.shape[0]
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def throughput(pipe, *, prompts: int = 4, images: int = 4, steps: int = STEPS, size: int = 64,
+               phrase: str = "sks star", superclass: str = "star") -> dict:
+    """Images per second, the same images three ways on `pipe`: the sweep's batched loop
+    (every prompt and image in one loop, `run_many`), one `engine.run` per image (as
+    `generate` runs) and diffusers' own pipeline once per prompt. Concept sampling (w = 7),
+    which diffusers' pipeline runs too; a concept's weights do not change the time, so
+    none is applied. Each way's denoiser calls and rows come with its time: the rows
+    agree, the calls show the batching."""
+
+    config = configure("concept", {}, steps)
+    pairs = [prompt_pair(t, phrase, superclass) for t in WORLD[:prompts]]
+    n, ways = prompts * images, {}
+
+    def timed(name, fn):
+        with DenoiserCount(pipe.unet) as count:
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+        ways[name] = {"images_per_s": n / seconds, "seconds": seconds, "denoiser_calls": count.calls,
+                      "denoiser_rows": count.rows}
+
+    timed("sweep", lambda: run_many(pipe, [Item(p, 0) for p in pairs], config, num_images=images, height=size,
+                                    width=size, concept_phrase=phrase))
+    timed("generate", lambda: [run(pipe, p, config, seed=k, num_images=1, height=size, width=size,
+                                   concept_phrase=phrase) for p in pairs for k in range(images)])
+    timed("diffusers", lambda: [pipe(p.concept, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                                     num_images_per_prompt=images, generator=torch.Generator().manual_seed(0))
+                                for p in pairs])
+    return {"images": n, "prompts": prompts, "steps": steps, "size": size, "sampler": "concept", "ways": ways,
+            "sweep_vs_generate": ways["generate"]["seconds"] / ways["sweep"]["seconds"],
+            "sweep_vs_diffusers": ways["diffusers"]["seconds"] / ways["sweep"]["seconds"],
+            "min_sweep_vs_generate": THROUGHPUT_TARGET}

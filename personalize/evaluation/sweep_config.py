@@ -28,6 +28,7 @@ from personalize.evaluation.prompt_sets import SUBJECTS, resolve_prompts
 from personalize.images import IMAGE_SUFFIXES, image_files
 from personalize.models.loading import read_concept_json
 from personalize.sampling.samplers import SAMPLERS, configure
+from personalize.world.paths import is_world
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
             "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images")
@@ -122,11 +123,6 @@ def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtyp
         batch_images=_whole(raw.get("batch_images", 32), "batch_images", 1),
         world=world,
     )
-
-
-def is_world(model: str | Path) -> bool:
-    """A world folder (docs/world.md): a pipeline folder with `world.json`."""
-    return (Path(model) / "world.json").is_file()
 
 
 def _metric_settings(raw: dict, base: Path, world: str | None = None):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from personalize.errors import UserError
 from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
-from personalize.evaluation.sweep_config import is_world
+from personalize.world.paths import is_world
 from personalize.models.loading import load_pipeline, read_concept_json
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs

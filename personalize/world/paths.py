@@ -16,4 +16,5 @@ def shipped_world() -> Path | None:
 
 
 def is_world(folder: str | Path) -> bool:
+    """A world folder (docs/world.md): a pipeline folder with `world.json`."""
     return (Path(folder) / "world.json").is_file()
