@@ -10,7 +10,7 @@ import sys
 from personalize.errors import UserError
 from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
 from personalize.models.architectures import ARCHITECTURES, build_pipeline
-from personalize.models.loading import check_device, default_model, load_pipeline
+from personalize.models.loading import check_device, default_model, load_pipeline, shipped_world_folder
 from personalize.sampling.samplers import SAMPLERS
 from personalize.training.recipes import METHODS, recipe
 from personalize.world.paths import is_world
@@ -37,13 +37,13 @@ def add_arguments(parser) -> None:
                         help="optimizer steps per training method; the first is warm-up (default 3)")
     parser.add_argument("--no-training", action="store_true", help="skip the training section")
     parser.add_argument("--throughput-images", type=int, default=8,
-                        help="on a world (--model with world.json): images per prompt of the throughput section, "
+                        help="on a world (a model folder with world.json): images per prompt of the throughput section, "
                              "4 prompts; 0 skips it (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def command(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download, ever
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: folders, the local cache or random weights
     names = check_args(args)
     training = check_training_args(args)
     if args.threads is not None:
@@ -106,7 +106,11 @@ def load(args):
 
     model = args.model
     if model is None and args.arch is None:
-        model, why = default_model()   # as every verb does when no model is named
+        world = shipped_world_folder()
+        if str(args.device).startswith("cuda") or world is None:
+            model, why = default_model()   # as every verb does when no model is named
+        else:  # a CPU run: never the study's SD 2, even where a GPU has it cached
+            model, why = str(world), "the shipped world model, on the CPU"
         progress_line(f"model: {model} ({why})")
     if model is not None:
         # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.

@@ -2,8 +2,9 @@
 world (docs/world.md), then a report of every study figure, with the truth known.
 
 The sweeps run through the sweep machinery (`sweep.py`: resumable, batched); the report
-is a pure function of the sweep's `results.csv`, so a killed run, run again, finishes
-the batch it lost and writes the same report. Files:
+is a pure function of the sweep's `results.csv` (and, for its wall-time line, of
+`runs.json`, the runs that finished), so a killed run, run again, finishes the batch it
+lost and writes the same report apart from that line. Files:
 
 - `report.html`: offline Plotly, one chart per study figure (mixed per w_s, switching
   and multi-stage against mixed, masked per quantile, ProFusion per fusion strength,
@@ -209,7 +210,10 @@ def findings(points: list[dict], x: str, y: str) -> list[tuple[str, str, str]]:
     if pf and concept:
         top, base = pf[-1], concept[0]
         (lo, hi), (base_lo, base_hi) = interval(top, y), interval(base, y)
-        ok = UNRESOLVED if lo <= base_hi and base_lo <= hi else top[y] > base[y]
+        if top[y] != top[y] or base[y] != base[y]:
+            ok = None   # no judge on this axis
+        else:
+            ok = UNRESOLVED if lo <= base_hi and base_lo <= hi else top[y] > base[y]
         add("ProFusion exceeds concept sampling's fidelity at high r", ok,
             f"{y} at r={top['params']['r']:g}: {top[y]:.3f} [{lo:.3f}, {hi:.3f}]; concept sampling "
             f"{base[y]:.3f} [{base_lo:.3f}, {base_hi:.3f}]")
@@ -381,7 +385,8 @@ def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images
     started = time.perf_counter()
     summary = run_sweep(config, out / "sweep", progress=progress)
     seconds = time.perf_counter() - started
-    new_images = summary.rows - summary.done_before
+    # the merged rows are counted by the first process only; the others know their share
+    new_images = summary.rows - summary.done_before if state.is_main_process else summary.images
     meta = {"world": world.name, "concepts": len(config.concepts), "prompts": len(config.concepts[0].prompts),
             "images_per_prompt": images, "steps": steps, "seconds": seconds, "new_images": new_images,
             "images_per_second": new_images / seconds if new_images else 0.0, "processes": state.num_processes}
@@ -432,6 +437,7 @@ def throughput(pipe, *, prompts: int = 4, images: int = 4, steps: int = STEPS, s
 
     config = configure("concept", {}, steps)
     pairs = [prompt_pair(t, phrase, superclass) for t in WORLD[:prompts]]
+    prompts = len(pairs)
     n, ways = prompts * images, {}
 
     def timed(name, fn):
