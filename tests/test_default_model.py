@@ -44,6 +44,16 @@ def test_no_gpu_never_asks_for_the_study_model(monkeypatch, demo_path, tmp_path)
     assert model == str(tmp_path / "world") and "no CUDA GPU" in why and not asked
 
 
+def test_a_cpu_run_on_a_gpu_machine_never_gets_sd2(monkeypatch, demo_path, tmp_path):
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    asked = []
+    monkeypatch.setattr(loading, "study_model_available", lambda timeout=5.0: asked.append(1) or True)
+    world_at(monkeypatch, tmp_path / "world")
+    model, why = loading.default_model("cpu")
+    assert model == str(tmp_path / "world") and "a run on cpu" in why and not asked
+    assert loading.default_model("cuda")[0] == "stabilityai/stable-diffusion-2-base"   # the same machine, on CUDA
+
+
 def test_no_gpu_no_world_gives_the_demo_model(monkeypatch, demo_path):
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
     world_at(monkeypatch, None)

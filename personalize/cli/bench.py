@@ -10,7 +10,7 @@ import sys
 from personalize.errors import UserError
 from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
 from personalize.models.architectures import ARCHITECTURES, build_pipeline
-from personalize.models.loading import check_device, default_model, load_pipeline, shipped_world_folder
+from personalize.models.loading import check_device, default_model, load_pipeline
 from personalize.sampling.samplers import SAMPLERS
 from personalize.training.recipes import METHODS, recipe
 from personalize.world.paths import is_world
@@ -106,11 +106,7 @@ def load(args):
 
     model = args.model
     if model is None and args.arch is None:
-        world = shipped_world_folder()
-        if str(args.device).startswith("cuda") or world is None:
-            model, why = default_model()   # as every verb does when no model is named
-        else:  # a CPU run: never the study's SD 2, even where a GPU has it cached
-            model, why = str(world), "the shipped world model, on the CPU"
+        model, why = default_model(args.device)   # as every verb does when no model is named
         progress_line(f"model: {model} ({why})")
     if model is not None:
         # DDIM for every method: the study samples with it, and ProFusion runs on nothing else.

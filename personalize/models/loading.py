@@ -53,16 +53,19 @@ def shipped_world_folder() -> Path | None:
     return shipped_world()
 
 
-def default_model() -> tuple[str, str]:
+def default_model(device: str | None = None) -> tuple[str, str]:
     """The base model a run uses when none is named, and why: the study's SD 2 base when a
     CUDA GPU is present and the model can be had; else the small trained world model
     shipped in `assets/world/` when it is there; else the offline demo model (random
-    weights, written on first use)."""
-    if torch.cuda.is_available() and study_model_available():
+    weights, written on first use). With `device`, a run that will not use CUDA never
+    gets SD 2 (hours per image on a CPU)."""
+    cuda_run = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if cuda_run and study_model_available():
         return STUDY_MODEL, "the study's base model (a CUDA GPU is present and its weights can be had)"
     world = shipped_world_folder()
     if world is not None:
-        why = ("no CUDA GPU here" if not torch.cuda.is_available() else "the study's base model cannot be had here")
+        why = ("no CUDA GPU here" if not torch.cuda.is_available() else f"a run on {device}" if not cuda_run
+               else "the study's base model cannot be had here")
         return str(world), f"the shipped world model ({why})"
 
     return str(ensure_demo_model()), "the offline demo model (no GPU with the study's model, and no shipped world model)"

@@ -22,7 +22,6 @@ from PIL import Image
 
 from personalize.errors import UserError
 from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
-from personalize.world.paths import is_world
 from personalize.models.loading import load_pipeline, read_concept_json
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
@@ -31,6 +30,7 @@ from personalize.runs.runcard import run_card, write_run
 from personalize.sampling import engine
 from personalize.sampling.samplers import SAMPLERS, SamplerConfig, default_for, plan
 from personalize.world import judge as J
+from personalize.world.paths import is_world
 from personalize.world.scene import CONCEPTS
 
 ENDS = ("concept", "superclass")   # the two ends every sampler sits between
