@@ -6,6 +6,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from .helpers import built_once
+
 # The test models are tiny: a second thread costs more than it brings (and far more on a
 # busy machine).
 torch.set_num_threads(1)
@@ -45,5 +47,4 @@ def quick_world(tmp_path_factory):
     Tests that change the folder work on a copy."""
     from personalize.world.build import build_world
 
-    out = tmp_path_factory.mktemp("world") / "w"
-    return out, build_world(out, quick=True, check=False)
+    return built_once(tmp_path_factory, "quick-world", lambda out: build_world(out, quick=True, check=False))

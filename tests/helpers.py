@@ -1,6 +1,29 @@
 """Shared test helpers."""
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import torch
+from filelock import FileLock
+
+
+def built_once(tmp_path_factory, name: str, build) -> tuple[Path, object]:
+    """`build(folder)` run once per test run, also when pytest-xdist spreads the suite over
+    worker processes (the README's test command does): the first worker to ask builds
+    under a file lock, the others wait for it and reuse the folder, read-only. Returns
+    (folder, what `build` returned, which must be JSON)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                    # the run's folder, above every worker's own
+    folder, record = root / "shared" / name, root / "shared" / f"{name}.json"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not record.is_file():
+            shutil.rmtree(folder, ignore_errors=True)   # a build that failed half-way
+            record.write_text(json.dumps(build(folder)))
+    return folder, json.loads(record.read_text())
 
 
 def rel_diff(a, b) -> float:

@@ -1,7 +1,7 @@
 """The abuse run: `python app.py` on the world, with a study (the one test of the README's
 command and a Space's entry point as a process of its own), serves an honest client and an
 honest study participant while 10 other clients send the refused requests of the hardening
-tests for ABUSE_S seconds (30; `$PERSONALIZE_ABUSE_S`). Every client comes from its own
+tests for ABUSE_S seconds (20; `$PERSONALIZE_ABUSE_S`). Every client comes from its own
 address (X-Forwarded-For from loopback, which uvicorn trusts, as a Space's proxy is
 trusted): the rates are per client.
 
@@ -33,7 +33,7 @@ from .test_study_app import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).parent / "artifacts"   # abuse.json: the measured figures
-ABUSE_S = float(os.environ.get("PERSONALIZE_ABUSE_S", "30"))
+ABUSE_S = float(os.environ.get("PERSONALIZE_ABUSE_S", "20"))
 PASSWORD = "correct horse battery staple"
 PROMPT = "a {} on the beach"
 STEPS = 25

@@ -214,7 +214,9 @@ def test_page_history_reloads_into_the_sliders(page):
     page.get_by_text("History", exact=True).click()
     # the table's visible text (its <tbody> rows are a hidden measuring copy in Gradio 6)
     first_row = re.compile(r"\n1\n(masked|mixed|concept)\n")
-    page.wait_for_function("(re) => new RegExp(re).test(document.querySelector('#history').innerText)",
+    # the accordion renders the table after the click: wait for it to exist, then for its row
+    page.wait_for_function("(re) => { const h = document.querySelector('#history');"
+                           " return h !== null && new RegExp(re).test(h.innerText); }",
                            arg=first_row.pattern, timeout=30_000)
     sampler = first_row.search(page.locator("#history").inner_text()).group(1)
     choose_sampler(page, "switching" if sampler != "switching" else "concept")

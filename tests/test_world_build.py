@@ -77,8 +77,8 @@ def test_metric_model_embeds_images_and_texts(quick_world):
     assert torch.allclose(images.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_quick_check_measures_every_figure(quick_world):
-    out, _ = quick_world
+def test_quick_check_measures_every_figure(quick_world, tmp_path):
+    out = shutil.copytree(quick_world[0], tmp_path / "w")     # the check writes into world.json
     record = check.run_check(out, quick=True, log=lambda *_: None)
     names = [f["figure"] for f in record["figures"]]
     assert len(names) == 3 + 3 + 2 * 3 * 2 + 4
