@@ -18,6 +18,7 @@ from personalize.errors import UserError
 from personalize.runs.lab import Lab
 from personalize.runs.live import Live
 from personalize.runs.live import make_lab as live_lab
+from personalize.runs.threads import use_serving_threads
 from ui import gpu
 from ui.api import create_api
 from ui.compare import create_compare
@@ -115,9 +116,11 @@ def main(argv=None):
 
 
 def prepare_serving(lab: Lab, *, zero_gpu: bool | None = None) -> None:
-    """Before serving: rates count per visitor behind a Space's proxy, and on ZeroGPU the
-    pipeline is loaded now, outside the forked GPU workers."""
+    """Before serving: rates count per visitor behind a Space's proxy, torch's CPU threads
+    are set for a server's many calling threads (`personalize.runs.threads`), and on
+    ZeroGPU the pipeline is loaded now, outside the forked GPU workers."""
     trust_proxy()
+    use_serving_threads(lab.device)
     if gpu.ZERO_GPU if zero_gpu is None else zero_gpu:
         lab.preload()
 

@@ -376,3 +376,30 @@ def test_zero_gpu_loads_the_pipeline_when_the_app_starts(demo_dir, monkeypatch):
     assert loading._cache == {}                       # elsewhere the first run loads it
     prepare_serving(lab, zero_gpu=True)
     assert list(loading._cache) == [(lab.model, lab.device, lab.dtype, lab.scheduler)]
+
+
+def test_serving_sets_one_torch_thread_on_the_cpu(demo_dir, monkeypatch):
+    """A server calls torch from many threads, each with its own OpenMP team: one thread on
+    the CPU (personalize/runs/threads.py says what was measured)."""
+    import torch
+
+    from app import prepare_serving
+    from personalize.runs.lab import Lab
+    from personalize.runs.threads import THREADS_ENV, serving_threads
+
+    before = torch.get_num_threads()
+    try:
+        lab = Lab(str(demo_dir), try_study_model=False)
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        torch.set_num_threads(2)
+        prepare_serving(lab, zero_gpu=False)
+        assert lab.device == "cpu" and torch.get_num_threads() == 1
+        monkeypatch.setenv(THREADS_ENV, "2")           # the setting wins
+        prepare_serving(lab, zero_gpu=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert serving_threads("cuda", {}) == torch.get_num_threads()   # a GPU run keeps torch's own
+    for bad, message in (("two", "is not a whole number"), ("0", "must be at least 1")):
+        with pytest.raises(UserError, match=f"{THREADS_ENV}: '{bad}' {message}"):
+            serving_threads("cpu", {THREADS_ENV: bad})

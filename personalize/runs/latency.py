@@ -3,8 +3,8 @@
 `measure()` times what the server does for one slider change, exactly as the Explore tab
 does it (`personalize.runs.live`): check the request, take the two ends from the cache,
 run the chosen sampler, score its image (IS, TS and, on a world, the judge) and redraw
-the chart. The first change loads the model, the metric model and the ends, and is not
-counted. The browser's share (an HTTP round trip and a redraw, tens of milliseconds on
+the chart, with torch's CPU threads set as the app sets them (`personalize.runs.threads`).
+The first change loads the model, the metric model and the ends, and is not counted. The browser's share (an HTTP round trip and a redraw, tens of milliseconds on
 localhost) is measured by the Chromium test in tests/test_explore_app.py.
 
     python -m personalize.runs.latency --model /path/to/world --changes 20
@@ -18,15 +18,23 @@ import json
 import statistics
 import time
 
+import torch
+
 from personalize.runs.live import Live, LiveState, Shot, chart, make_lab, sweep_values
+from personalize.runs.threads import use_serving_threads
 
 
 def measure(model: str | None = None, *, changes: int = 20, sampler: str = "mixed", param: str = "w_s",
             steps: int | None = None, prompt: str | None = None, seed: int = 0, device: str = "cpu",
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", threads: int | None = None) -> dict:
     """The median (and spread) over `changes` slider changes of `param` of the seconds from
     release to final image. `steps` and `prompt` default to the app's start (25 steps and
-    a world prompt on a world, else 30 steps and a DreamBench-style prompt)."""
+    a world prompt on a world, else 30 steps and a DreamBench-style prompt). `threads`
+    overrides the app's torch thread count."""
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        use_serving_threads(device)
     lab = make_lab(model, device=device, dtype=dtype)
     live = Live(lab)
     steps = steps or (25 if live.world else 30)
@@ -53,7 +61,7 @@ def measure(model: str | None = None, *, changes: int = 20, sampler: str = "mixe
     warm = change(values[0])
     seconds = [change(v) for v in values[1:]]
     return {"model": lab.model, "world": live.world, "sampler": sampler, "param": param, "steps": steps,
-            "changes": changes, "device": device, "first_change_s": round(warm, 3),
+            "changes": changes, "device": device, "torch_threads": torch.get_num_threads(), "first_change_s": round(warm, 3),
             "median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
             "max_s": round(max(seconds), 4), "seconds": [round(s, 4) for s in seconds]}
 
@@ -66,13 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--param", default="w_s")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as the app sets them)")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     print(json.dumps(measure(args.model, changes=args.changes, sampler=args.sampler, param=args.param,
-                             steps=args.steps, device=args.device), indent=2))
+                             steps=args.steps, device=args.device, threads=args.threads), indent=2))
     return 0
 
 
