@@ -161,7 +161,8 @@ def set_steps(page, steps: int):
 
 def test_second_change_during_a_run_cancels_the_first(page):
     page.get_by_text("Run settings").click()
-    set_steps(page, 50)   # long enough that the second change lands while the first runs
+    set_steps(page, 100)  # long enough that the second change lands while the first runs (its
+                          # progress shows after ui.explore.PREVIEW_AFTER)
     finished, superseded = counts(page)
     release_at(page, "w_s", 0.2)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Step')", timeout=180_000)

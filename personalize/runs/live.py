@@ -77,6 +77,7 @@ class LiveState(Tickets):
     """One user's live session (the app keeps it in `gr.State`): the request counter, the
     cached ends, the chosen sampler's runs and the last sweep."""
     ends: dict = field(default_factory=dict)        # key -> (concept Shot, superclass Shot)
+    ends_shown: tuple | None = None                 # the ends the page shows (not sent again)
     shots: list = field(default_factory=list)       # the chosen sampler's finished runs, newest last
     sweep: list = field(default_factory=list)       # the last sweep's Shots
     sweep_param: str | None = None
