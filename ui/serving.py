@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from personalize.errors import UserError
+from personalize.settings import whole_setting
 from personalize.study.store import SPACES_STORAGE
 from personalize.study.tasks import served_folders
 from personalize.throttle import Throttle
@@ -27,28 +27,15 @@ QUEUE_SIZE, RUNS_PER_MINUTE, JOINS_PER_MINUTE, KEEP_S = 32, 20, 10, 3600
 TEMP_PREFIXES = ("personalize-run-", "personalize-refs-", "personalize-study-")
 
 
-def setting(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"{name}: {text!r} is not a whole number") from None
-    if value < 1:
-        raise UserError(f"{name}: {text!r} must be at least 1")
-    return value
-
-
 def queue_settings() -> dict:
     """`demo.queue(**queue_settings())`: one run at a time, at most QUEUE_SIZE waiting
     (a client over it is told the queue is full instead of waiting)."""
-    return {"default_concurrency_limit": 1, "max_size": setting(QUEUE_ENV, QUEUE_SIZE)}
+    return {"default_concurrency_limit": 1, "max_size": whole_setting(QUEUE_ENV, QUEUE_SIZE)}
 
 
 def blocks_settings() -> dict:
     """`gr.Blocks(**blocks_settings())`: gradio's cache cleaned of files older than KEEP_S."""
-    keep = setting(KEEP_ENV, KEEP_S)
+    keep = whole_setting(KEEP_ENV, KEEP_S)
     return {"delete_cache": (min(keep, 3600), keep)}
 
 
@@ -70,7 +57,7 @@ def served_files(lab) -> list[str]:
 def clean_temp_folders(max_age_s: float | None = None, *, root: str | None = None, now: float | None = None) -> int:
     """Remove the app's temporary folders (finished runs, reference copies, study exports)
     older than `max_age_s`; returns how many went."""
-    max_age_s = setting(KEEP_ENV, KEEP_S) if max_age_s is None else max_age_s
+    max_age_s = whole_setting(KEEP_ENV, KEEP_S) if max_age_s is None else max_age_s
     now = time.time() if now is None else now
     removed = 0
     for folder in Path(root or tempfile.gettempdir()).iterdir():
@@ -104,7 +91,7 @@ class RateLimit(Throttle):
 
     def __init__(self, per_minute: int | None = None, *, env: str = RATE_ENV, default: int = RUNS_PER_MINUTE,
                  what: str = "runs", clients: int = 10_000, clock=time.monotonic):
-        super().__init__(setting(env, default) if per_minute is None else per_minute, what=what, keys=clients,
+        super().__init__(whole_setting(env, default) if per_minute is None else per_minute, what=what, keys=clients,
                          clock=clock)
 
     def check(self, request) -> None:

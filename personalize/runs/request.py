@@ -27,6 +27,7 @@ from personalize.prompts import check_template, prompt_pair
 from personalize.runs.runcard import run_card
 from personalize.sampling import engine
 from personalize.sampling.samplers import MAX_STEPS, configure, plan, total_rows
+from personalize.settings import whole_setting
 
 SEED_MAX = 2 ** 63 - 1       # torch.Generator.manual_seed takes a signed 64-bit seed
 TRAIN_TIMESTEPS = 1000       # DDPM's; a scheduler config without num_train_timesteps has it
@@ -56,14 +57,8 @@ class Limits:
         environ = os.environ if environ is None else environ
         values = {}
         for name, var in cls.ENV.items():
-            text = environ.get(var, "").strip()
-            if text:
-                try:
-                    values[name] = int(text.replace("_", ""))
-                except ValueError:
-                    raise UserError(f"{var}: {text!r} is not a whole number") from None
-                if values[name] < 1:
-                    raise UserError(f"{var}: {text!r} must be at least 1")
+            if environ.get(var, "").strip():
+                values[name] = whole_setting(var, 0, environ)
         return cls(**values)
 
     @classmethod

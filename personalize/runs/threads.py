@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from personalize.errors import UserError
+from personalize.settings import whole_setting
 
 THREADS_ENV = "PERSONALIZE_TORCH_THREADS"
 
@@ -25,16 +25,7 @@ THREADS_ENV = "PERSONALIZE_TORCH_THREADS"
 def serving_threads(device: str, environ=os.environ) -> int:
     """The torch CPU thread count for serving on `device`: `$PERSONALIZE_TORCH_THREADS`
     where set (a whole number, at least 1), else 1 on the CPU; on a GPU, torch's own."""
-    text = environ.get(THREADS_ENV, "").strip()
-    if text:
-        try:
-            value = int(text)
-        except ValueError:
-            raise UserError(f"{THREADS_ENV}: {text!r} is not a whole number") from None
-        if value < 1:
-            raise UserError(f"{THREADS_ENV}: {text!r} must be at least 1")
-        return value
-    return 1 if device == "cpu" else torch.get_num_threads()
+    return whole_setting(THREADS_ENV, 1 if device == "cpu" else torch.get_num_threads(), environ)
 
 
 def use_serving_threads(device: str, environ=os.environ) -> int:

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.settings import whole_setting
 from personalize.study.layout import (
     ADMIN_ENV,
     ANSWERS_ENV,
@@ -128,7 +129,7 @@ class Study:
         self.order = list(data["tasks"])
         self.schedule = {**SCHEDULE, **data.get("schedule", {})}
         self.store = Store(db or default_db_path(self.folder, data["id"]), data["id"])
-        rate = answers_per_minute or _whole_setting(ANSWERS_ENV, ANSWERS_PER_MINUTE)
+        rate = answers_per_minute or whole_setting(ANSWERS_ENV, ANSWERS_PER_MINUTE)
         self.answer_rate = Throttle(rate, what="answers from one participant", clock=clock)
 
     @property
@@ -295,12 +296,3 @@ def _participant_order(participant: str, task_ids: tuple[str, ...]) -> dict[str,
     """A fixed random order of the tasks for one participant (the same after a restart)."""
     keys = sorted(task_ids, key=lambda t: hashlib.sha1(f"{participant}\0{t}".encode()).digest())
     return {t: k for k, t in enumerate(keys)}
-
-
-def _whole_setting(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{name}: {text!r} is not a whole number of at least 1")
-    return int(text)
