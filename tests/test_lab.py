@@ -94,3 +94,19 @@ def test_uploaded_concept_is_used_by_the_run(lab, tmp_path):
     assert finished.card["prompts"]["concept"] == "a photo of a <my-toy>"
     plain = lab.generate(lab.request(lab.default_concept, "a photo of a {}", "mixed", {}, steps=2, size=64))
     assert plain.card["concept"] is None
+
+
+def test_scores_on_a_world_come_from_its_metric_model(quick_world):
+    """The web API's scores (Lab.score) on a world: the world's own metric model, as the
+    Explore tab's (Live.score); the demo lab above scores with random weights."""
+    from personalize.runs.live import Live
+
+    world = quick_world[0]
+    lab = Lab(str(world))
+    prep = lab.request(lab.default_concept, "a {} in the snow", "concept", {}, steps=2, size=64)
+    finished = lab.generate(prep)
+    card = lab.score(lab.default_concept, finished.images, finished.card)
+    assert card["metrics_random"] is False and lab.world
+    assert card["metrics"].startswith(f"clip=open_clip folder {world.name}/metric"), card["metrics"]
+    shot = Live(lab).finish(lab.default_concept, finished.images, finished.card)
+    assert (shot.card["is"], shot.card["ts"]) == pytest.approx((card["is"], card["ts"]))

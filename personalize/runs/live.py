@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from personalize.errors import UserError
-from personalize.evaluation.metrics import MetricSettings, image_scores, load_metric_models
+from personalize.evaluation.metrics import image_scores, load_metric_models
 from personalize.models.loading import load_pipeline, read_concept_json
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
@@ -167,13 +167,8 @@ class Live:
 
     def __init__(self, lab: Lab, *, display: int = 256):
         self.lab = lab
-        self.world = Path(lab.model).is_dir() and is_world(lab.model)
+        self.world, self.metrics = lab.world, lab.metrics
         self.display = display
-        if self.world:
-            self.metrics = MetricSettings(clip=str(Path(lab.model) / "metric"), dino="none", allow_random=False,
-                                          device=lab.device)
-        else:
-            self.metrics = MetricSettings(dino="none", device=lab.device)
 
     # -- requests -----------------------------------------------------------------------
     def request(self, concept: Concept, prompt: str, sampler: str, params: dict, *, seed: int, steps: int,
