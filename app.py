@@ -106,10 +106,10 @@ def main(argv=None):
     try:
         lab = make_lab(args)
         demo = build_app(lab, study_dir=args.study)
+        prepare_serving(lab)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    prepare_serving(lab)
     start_cleaner()
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
                 **launch_settings(lab, args.study))

@@ -159,10 +159,14 @@ def set_steps(page, steps: int):
                            timeout=180_000)
 
 
-def test_second_change_during_a_run_cancels_the_first(page):
+def test_second_change_during_a_run_cancels_the_first(page, monkeypatch):
+    import ui.explore
+
+    # progress from the first step (the app serves in this process), so that the second
+    # change can land while the first run goes, however fast the machine
+    monkeypatch.setattr(ui.explore, "PREVIEW_AFTER", 0.0)
     page.get_by_text("Run settings").click()
-    set_steps(page, 100)  # long enough that the second change lands while the first runs (its
-                          # progress shows after ui.explore.PREVIEW_AFTER)
+    set_steps(page, 50)   # long enough that the second change lands while the first runs
     finished, superseded = counts(page)
     release_at(page, "w_s", 0.2)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Step')", timeout=180_000)
@@ -241,3 +245,21 @@ def test_compare_two_samplers_with_their_own_sliders(page):
     captions = page.locator("#compare-gallery").inner_text()
     assert "w_s=1.5" in captions and "t_sw=2" in captions, captions
     page.locator("button[role=tab]").nth(0).click()
+
+
+def test_a_new_seed_shows_its_own_ends(page):
+    """The two ends go to the page only when they change (ui.explore sends them once per
+    prompt, seed and concept): each new seed shows that seed's ends beside its run."""
+    page.get_by_role("tab", name="Explore").first.click()
+    box = page.locator("#seed input")
+    for seed in (3, 7):
+        box.fill(str(seed))
+        box.press("Enter")
+        wanted = f", seed {seed},"
+        page.wait_for_function(
+            "(s) => { const st = document.querySelector('#status');"
+            " const i = document.querySelector('#img-chosen img');"
+            " return st && st.innerText.includes('Done') && i && i.alt.includes(s); }", arg=wanted, timeout=180_000)
+        alts = [page.locator(e).get_attribute("alt") for e in ("#img-concept img", "#img-superclass img")]
+        assert all(wanted in alt for alt in alts), alts
+    assert "sks" in alts[0] and "sks" not in alts[1], alts   # each end names its own prompt

@@ -385,7 +385,7 @@ def test_serving_sets_one_torch_thread_on_the_cpu(demo_dir, monkeypatch):
 
     from app import prepare_serving
     from personalize.runs.lab import Lab
-    from personalize.runs.threads import THREADS_ENV, serving_threads
+    from personalize.runs.threads import THREADS_ENV, serving_threads, use_serving_threads
 
     before = torch.get_num_threads()
     try:
@@ -394,12 +394,24 @@ def test_serving_sets_one_torch_thread_on_the_cpu(demo_dir, monkeypatch):
         torch.set_num_threads(2)
         prepare_serving(lab, zero_gpu=False)
         assert lab.device == "cpu" and torch.get_num_threads() == 1
-        monkeypatch.setenv(THREADS_ENV, "2")           # the setting wins
+        monkeypatch.setenv(THREADS_ENV, "2")
         prepare_serving(lab, zero_gpu=False)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv(THREADS_ENV)
+        use_serving_threads("cuda")    # the CPU threads only feed a GPU: left as torch set them
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert serving_threads("cuda", {}) == torch.get_num_threads()   # a GPU run keeps torch's own
     for bad, message in (("two", "is not a whole number"), ("0", "must be at least 1")):
         with pytest.raises(UserError, match=f"{THREADS_ENV}: '{bad}' {message}"):
             serving_threads("cpu", {THREADS_ENV: bad})
+
+
+def test_app_refuses_a_bad_thread_setting_with_a_message(demo_dir, monkeypatch, capsys):
+    from app import main
+
+    monkeypatch.setenv("PERSONALIZE_TORCH_THREADS", "two")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(demo_dir)])
+    assert exit_.value.code == 2
+    assert "error: PERSONALIZE_TORCH_THREADS: 'two' is not a whole number" in capsys.readouterr().err

@@ -76,8 +76,8 @@ def test_hf_ids_only_from_a_login(study):
     assert participant_id(study, token, None) == (study.participant(token), token)
 
 
-def test_every_task_occurrence_has_its_own_media(made):
-    study = Study(made["study"])
+def test_every_task_occurrence_has_its_own_media(made, tmp_path):
+    study = Study(made["study"], db=tmp_path / "answers.sqlite")   # the shared demo stays read-only
     shown = [t[k] for t in study.order for k in ("image_1", "image_2")]
     assert len(set(shown)) == len(shown)                               # names
     digests = [hashlib.sha256((study.folder / p).read_bytes()).hexdigest() for p in shown]

@@ -56,8 +56,8 @@ def sweep_images(sweep: Path) -> dict:
             (sweep / r["image_path"]).read_bytes() for r in read_rows(sweep / RESULTS)}
 
 
-def test_demo_is_a_ready_study(made):
-    study = Study(made["study"])
+def test_demo_is_a_ready_study(made, tmp_path):
+    study = Study(made["study"], db=tmp_path / "answers.sqlite")   # the shared demo stays read-only
     kinds = Counter(t["kind"] for t in study.order)
     assert kinds == {"pair": 16, "repeat": 2, "attention": 2}
     assert study.data["pairs"] == [["mixed", "concept"], ["mixed", "switching"]]

@@ -134,8 +134,9 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
         """An image component update: the shot at display size, alt text naming it."""
         shown_mask = mask and shot.mask is not None
         image = overlay(shot.image, shot.mask) if shown_mask else shot.image
+        prompt = shot.card["prompts"]["superclass" if shot.sampler == "superclass" else "concept"]
         alt = (f"{role}: {describe(shot)}, seed {shot.card['seed']}, {shot.card['steps']} steps, prompt "
-               f"'{shot.card['prompts']['concept']}'" + (", cross-attention mask in red" if shown_mask else ""))
+               f"'{prompt}'" + (", cross-attention mask in red" if shown_mask else ""))
         return gr.Image(value=live.shown(image), alt_text=alt)
 
     def ends_update(ends: tuple[Shot, Shot]) -> dict:
@@ -156,7 +157,9 @@ def create_explore(lab: Lab, state: gr.State, live: Live | None = None, *, steps
                                 steps=steps_, size=size_, negative_prompt=negative_, num_images=n_)
             ends = live.ends(ls, session.concept, prompt_, seed=seed_, steps=steps_, size=size_,
                              negative_prompt=negative_)
-            if ends is not ls.ends_shown:     # a new prompt, seed or concept: its two ends
+            # `Live.ends` hands back its cached tuple while prompt, seed and concept stay, and a
+            # session's gr.State is one object across events: identity says the page has them
+            if ends is not ls.ends_shown:
                 ls.ends_shown = ends
                 yield {**ends_update(ends), plot: chart(ls, session.background)}
             next_preview = time.perf_counter() + PREVIEW_AFTER

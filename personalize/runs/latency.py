@@ -4,8 +4,9 @@
 does it (`personalize.runs.live`): check the request, take the two ends from the cache,
 run the chosen sampler, score its image (IS, TS and, on a world, the judge) and redraw
 the chart, with torch's CPU threads set as the app sets them (`personalize.runs.threads`).
-The first change loads the model, the metric model and the ends, and is not counted. The browser's share (an HTTP round trip and a redraw, tens of milliseconds on
-localhost) is measured by the Chromium test in tests/test_explore_app.py.
+The first change loads the model, the metric model and the ends, and is not counted. A
+browser adds its round trip and redraw; on the same 2-core machine (headless Chromium
+sharing the cores with the run) that was about 0.4 s more (README, Run).
 
     python -m personalize.runs.latency --model /path/to/world --changes 20
 """
@@ -61,7 +62,8 @@ def measure(model: str | None = None, *, changes: int = 20, sampler: str = "mixe
     warm = change(values[0])
     seconds = [change(v) for v in values[1:]]
     return {"model": lab.model, "world": live.world, "sampler": sampler, "param": param, "steps": steps,
-            "changes": changes, "device": device, "torch_threads": torch.get_num_threads(), "first_change_s": round(warm, 3),
+            "changes": changes, "device": device, "torch_threads": torch.get_num_threads(),
+            "first_change_s": round(warm, 3),
             "median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
             "max_s": round(max(seconds), 4), "seconds": [round(s, 4) for s in seconds]}
 

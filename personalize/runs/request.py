@@ -55,11 +55,7 @@ class Limits:
     @classmethod
     def serving(cls, environ=None) -> "Limits":
         environ = os.environ if environ is None else environ
-        values = {}
-        for name, var in cls.ENV.items():
-            if environ.get(var, "").strip():
-                values[name] = whole_setting(var, 0, environ)
-        return cls(**values)
+        return cls(**{name: whole_setting(var, getattr(cls, name), environ) for name, var in cls.ENV.items()})
 
     @classmethod
     def local(cls) -> "Limits":
