@@ -33,6 +33,7 @@ from personalize.models.loading import (
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
 from personalize.runs.preview import latents_to_rgb, map_to_image
+from personalize.world.check import world_metric_settings
 from personalize.world.paths import is_world
 
 MAX_UPLOAD_MB = 256
@@ -96,11 +97,11 @@ class Lab:
         self.default_concept = Concept(phrase, superclass, list(meta.get("references", [])), concept)
         self.scheduler = "ddim" if model == STUDY_MODEL else "model"
         self.default_size = default_size(model)
-        self.world = Path(model).is_dir() and is_world(model)
+        self.world = is_world(model)
         # Scores of every run: on a world, by the world's own metric model (the default CLIP
         # cannot be had offline and would score with random weights).
-        self.metrics = (MetricSettings(clip=str(Path(model) / "metric"), dino="none", allow_random=False,
-                                       device=device) if self.world else MetricSettings(dino="none", device=device))
+        self.metrics = (world_metric_settings(model, device) if self.world
+                        else MetricSettings(dino="none", device=device))
         self.max_upload_mb = MAX_UPLOAD_MB
         self.limits = runs.Limits.serving()    # what one request may ask for (PERSONALIZE_MAX_*)
         # The only concepts the path box may name: the one given at start and those under

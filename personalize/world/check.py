@@ -95,10 +95,16 @@ def load_world_pipeline(folder: Path):
     return pipe
 
 
-def load_world_metric(folder: Path):
-    """The world's CLIP through the metrics code's own loader (its `clip: FOLDER` setting)."""
+def world_metric_settings(folder: str | Path, device: str = "cpu") -> MetricSettings:
+    """Scores on a world: its own CLIP-style metric model (the metrics code's `clip: FOLDER`
+    setting), never random weights, and no DINO (it has none of its own)."""
+    return MetricSettings(clip=str(Path(folder) / "metric"), dino="none", allow_random=False, device=device)
 
-    return load_metric_models(MetricSettings(clip=str(folder / "metric"), dino="none", allow_random=False))
+
+def load_world_metric(folder: Path):
+    """The world's CLIP through the metrics code's own loader."""
+
+    return load_metric_models(world_metric_settings(folder))
 
 
 def _pil(images) -> list:
