@@ -189,6 +189,50 @@ def test_blurred_detail_softens_only_the_detail_channels():
     assert torch.equal(soft[:, :kept], z[:, :kept])
     assert soft[:, kept:].std() < 0.5 * z[:, kept:].std()            # white noise loses most of its variance
     assert torch.equal(build.blurred_detail(z, 0.0), z)
+    both = build.blurred_detail(z, 1.5, 1.5)       # the picture too; the class code never
+    assert torch.equal(both[:, build.ANCHORED:kept], z[:, build.ANCHORED:kept])
+    assert both[:, :build.ANCHORED].std() < 0.5 * z[:, :build.ANCHORED].std()
+    assert torch.equal(both[:, kept:], soft[:, kept:])
+
+
+def test_class_code_stage_teaches_the_encoder_the_code_and_keeps_the_rest():
+    images, masks, classes = codec_batch(32, 0, with_masks=True, with_classes=True)
+    codes = build.class_maps(masks, classes)
+    torch.manual_seed(0)
+    vae = models.autoencoder().eval()
+    x = build.to_tensor(images[:16])
+    code = slice(build.CLASS_CHANNEL, build.CLASS_CHANNEL + 1)
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist.mean
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    size = dataclasses.replace(build.QUICK, code_steps=30, code_batch=16, code_minutes=5.0)
+    vae, record = build.train_class_code(vae, images, codes, size, seed=0)
+    assert record["steps"] == 30 and np.isfinite(record["final_loss"])
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    mse = torch.nn.functional.mse_loss
+    assert mse(dist.mean[:, code], codes[:16]) < 0.5 * mse(before[:, code], codes[:16])
+    others = [c for c in range(models.LATENT_CHANNELS) if c != build.CLASS_CHANNEL]
+    # the other channels move far less than the code: the decoder still reads them as before
+    assert mse(dist.mean[:, others], before[:, others]) < 0.25 * mse(dist.mean[:, code], before[:, code])
+    assert all(torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
+    assert torch.allclose(dist.std, torch.full_like(dist.std, build.LATENT_NOISE), rtol=1e-4)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_denoised_latents_are_the_denoisers_redraw_of_the_render(quick_world):
+    out, _ = quick_world
+    pipe = build.load_pipeline(out)
+    images, captions = build.render_data(6, 4)
+    with torch.no_grad():
+        encoded = pipe.vae.encode(build.to_tensor(images)).latent_dist.mean
+    late = build.denoised_latents(pipe, images, captions, seed=0, start=(0.96, 0.96), steps=25)
+    early = build.denoised_latents(pipe, images, captions, seed=0, start=(0.2, 0.2), steps=25)
+    assert late.shape == encoded.shape
+    assert torch.equal(late, build.denoised_latents(pipe, images, captions, seed=0, start=(0.96, 0.96), steps=25))
+    # one step from nearly clean keeps the render's latent; redrawn from far back, the denoiser's own
+    gap = {name: (z - encoded).pow(2).mean().item() for name, z in (("late", late), ("early", early))}
+    assert 0 < gap["late"] < 0.5 * gap["early"], gap
 
 
 def test_class_maps_hold_each_objects_code_where_it_lies():
@@ -253,3 +297,27 @@ def test_a_named_instance_is_one_object_whatever_the_scene():
         assert common, f"{name} has no colour common to all its images"
     # negative control: two instances do not share their look
     assert set.intersection(*looks["bbb"]) != set.intersection(*looks["bbc"])
+
+
+def test_a_concept_folder_names_its_own_phrase(quick_world, tmp_path):
+    """`generate --concept DIR` takes the phrase and superclass from the concept's own
+    concept.json when the model has none (the world's pipeline folder has none)."""
+    from personalize.runs.request import Request
+    from personalize.runs.request import check as check_request
+
+    out, _ = quick_world
+    assert not (out / "concept.json").exists()
+    prep = check_request(Request(prompt="a {} in the snow", model=str(out), concept=str(out / "concepts" / "star")))
+    assert (prep.concept_phrase, prep.superclass) == ("sks star", "star")
+    assert prep.prompts.concept == "a sks star in the snow"
+    from personalize.runs.lab import Lab
+
+    lab = Lab(str(out), concept=str(out / "concepts" / "star"), try_study_model=False)   # python app.py --concept
+    assert (lab.default_concept.phrase, lab.default_concept.superclass) == ("sks star", "star")
+    assert len(lab.default_concept.references) == 5
+    assert all(str(out / "concepts" / "star") in r for r in lab.default_concept.references)
+    bare = tmp_path / "bare"    # the same weights without their concept.json: nothing to take the phrase from
+    shutil.copytree(out / "concepts" / "star", bare)
+    (bare / "concept.json").unlink()
+    with pytest.raises(UserError, match="--concept-phrase: not given, and neither the concept nor the model"):
+        check_request(Request(prompt="a {} in the snow", model=str(out), concept=str(bare)))

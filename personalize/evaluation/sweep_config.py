@@ -26,7 +26,7 @@ from personalize.errors import UserError
 from personalize.evaluation.metrics import MetricSettings
 from personalize.evaluation.prompt_sets import SUBJECTS, resolve_prompts
 from personalize.images import IMAGE_SUFFIXES, image_files
-from personalize.models.loading import read_concept_json
+from personalize.models.loading import concept_meta
 from personalize.sampling.samplers import SAMPLERS, configure
 from personalize.world.paths import is_world
 
@@ -211,8 +211,7 @@ def _concept(entry: dict, where: str, base: Path, model: str | None, default_pro
     world_concept = folder / "concepts" / name
     if weights is None and is_world(folder) and world_concept.is_dir():
         weights = str(world_concept)  # the world's own concept of that name
-    weights_meta = read_concept_json(Path(weights)) if weights is not None and Path(weights).is_dir() else None
-    meta = weights_meta or (read_concept_json(folder) if folder.is_dir() else None) or {}
+    meta = concept_meta(folder, weights)
     phrase = _text(entry.get("phrase", meta.get("phrase")), f"{where}.phrase")
     superclass = _text(entry.get("superclass", meta.get("superclass")), f"{where}.superclass")
     references = entry.get("references", meta.get("references"))

@@ -173,3 +173,15 @@ def read_concept_json(folder: str | Path) -> dict | None:
             raise UserError(f"{path}: {key!r} must be a non-empty string")
     concept["references"] = [str((path.parent / p).resolve()) for p in concept.get("references", [])]
     return concept
+
+
+def concept_meta(model: str | Path, weights: str | Path | None = None) -> dict:
+    """What a run knows of its concept (phrase, superclass, references): the `concept.json`
+    beside the concept's weights where they are a folder that has one (a trained concept
+    carries its own), else the model folder's, else nothing."""
+    for folder in (weights, model):
+        if folder is not None and Path(folder).is_dir():
+            meta = read_concept_json(folder)
+            if meta is not None:
+                return meta
+    return {}

@@ -24,6 +24,7 @@ from personalize.evaluation.sweep import KEY
 from personalize.models.loading import (
     STUDY_MODEL,
     check_model,
+    concept_meta,
     default_model,
     load_pipeline,
     model_size,
@@ -89,9 +90,9 @@ class Lab:
             model, self.reason = str(ensure_demo_model()), "the offline demo model (the study's model was not tried)"
         model = check_model(model)
         self.model, self.device, self.dtype = model, device, dtype
-        meta = read_concept_json(model) if Path(model).is_dir() else None
-        meta = meta or {}
-        self.demo = self.demo or bool(meta.get("random_weights"))
+        model_meta = read_concept_json(model) if Path(model).is_dir() else None
+        self.demo = self.demo or bool((model_meta or {}).get("random_weights"))
+        meta = concept_meta(model, concept)   # a trained concept names its own phrase
         phrase = concept_phrase or meta.get("phrase") or "sks dog"
         superclass = superclass or meta.get("superclass") or "dog"
         self.default_concept = Concept(phrase, superclass, list(meta.get("references", [])), concept)

@@ -15,14 +15,7 @@ from typing import Any
 from personalize.concepts.apply import apply_concept
 from personalize.errors import UserError
 from personalize.models import loading
-from personalize.models.loading import (
-    SCHEDULERS,
-    check_device,
-    check_model,
-    load_pipeline,
-    model_size,
-    read_concept_json,
-)
+from personalize.models.loading import SCHEDULERS, check_device, check_model, concept_meta, load_pipeline, model_size
 from personalize.prompts import check_template, prompt_pair
 from personalize.runs.runcard import run_card
 from personalize.sampling import engine
@@ -111,7 +104,7 @@ class Request:
     model: str | None = None            # None: loading.default_model()
     concept: str | None = None
     concept_scale: float = 1.0
-    concept_phrase: str | None = None   # None: from the model's concept.json
+    concept_phrase: str | None = None   # None: from the concept's concept.json, else the model's
     superclass: str | None = None
     negative_prompt: str = ""
     steps: int = 50
@@ -194,13 +187,15 @@ def check(req: Request, limits: Limits = LOCAL) -> Prepared:
         label = f"demo ({model})" if Path(model) == default_demo_path() else f"default ({model})"
     else:
         model = check_model(req.model)
-    meta = read_concept_json(model) or {}
+    meta = concept_meta(model, req.concept)
     phrase = req.concept_phrase or meta.get("phrase")
     superclass = req.superclass or meta.get("superclass")
     if not phrase:
-        raise UserError("--concept-phrase: not given, and the model has no concept.json to take it from")
+        raise UserError("--concept-phrase: not given, and neither the concept nor the model has a concept.json "
+                        "to take it from")
     if not superclass:
-        raise UserError("--superclass: not given, and the model has no concept.json to take it from")
+        raise UserError("--superclass: not given, and neither the concept nor the model has a concept.json "
+                        "to take it from")
     check_text("concept phrase", phrase, limits.max_phrase_chars)
     check_text("superclass", superclass, limits.max_phrase_chars)
     steps = train_timesteps(model)

@@ -80,13 +80,27 @@ class BuildSize:
     text_encoder: str = "metric"     # the denoiser's text encoder starts as: "metric" (the metric model's
                                      # text tower) | "joint" (random); either way it trains with the denoiser
     class_anchor: bool = True        # with latent_anchor: a latent channel also holds the object's class code
+    code_steps: int = 0              # with class_anchor: the encoder alone then learns the class code (0: no such stage)
+    code_batch: int = 32
+    code_minutes: float = 3.0
+    decoder_picture_blur: float = 0.0  # the decoder stage also blurs the anchored picture by up to this sigma (0: never)
+    decoder_denoised: int = 0        # world renders the decoder stage also sees as the denoiser redraws them
+    decoder_denoised_share: float = 0.5  # their share of the decoder stage's batches
 
 
 FULL = BuildSize()
+# World 6's recipe (measured, not shipped; see docs/world.md): the class-code stage, a
+# decoder stage that also blurs the picture and sees the denoiser's own redraws, and
+# shorter budgets so that the build stays near its hour.
+WORLD6 = dataclasses.replace(FULL, vae_minutes=10.0, code_steps=1_000, denoiser_minutes=30.0, instance_minutes=8.0,
+                             decoder_picture_blur=1.5, decoder_denoised=2_000)
 # Every part and stage of a full build, a few steps each: for tests of the wiring, not of quality.
-QUICK = BuildSize(images=200, vae_steps=8, vae_batch=8, vae_minutes=1.0, denoiser_steps=12, denoiser_batch=8,
+QUICK = BuildSize(images=200, vae_steps=8, vae_batch=8, vae_minutes=1.0, code_steps=4, code_batch=8, code_minutes=0.5,
+                  denoiser_steps=12, denoiser_batch=8,
                   denoiser_minutes=1.0, metric_steps=8, metric_batch=32, metric_minutes=1.0, concept_steps=4,
-                  concept_class_images=2, decoder_steps=4, decoder_minutes=0.5, instances=8, instance_steps=6,
+                  concept_class_images=2, decoder_steps=4, decoder_minutes=0.5, decoder_picture_blur=1.5,
+                  decoder_denoised=8,
+                  instances=8, instance_steps=6,
                   instance_minutes=0.5)
 
 
@@ -157,6 +171,17 @@ def _scheduled_steps(opt, steps: int, minutes: float, peak_lr: float, warmup: in
         yield step
 
 
+def _optimiser_step(opt, loss: torch.Tensor, step: int, part: str, steps: int) -> float:
+    """One optimiser step on `loss`, logged every 50 steps; returns the loss's value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = loss.item()
+    if step % 50 == 0:
+        _log(f"{part} step {step + 1}/{steps} loss {value:.4f}")
+    return value
+
+
 def _image_batch(images: np.ndarray, batch: int, gen: torch.Generator):
     idx = torch.randint(len(images), (batch,), generator=gen).numpy()
     return idx, to_tensor(images[idx])
@@ -215,16 +240,48 @@ def train_autoencoder(images: np.ndarray, size: BuildSize, seed: int, codes: tor
             recon = vae.decode(posterior.sample(generator=gen)).sample
             anchor = torch.zeros(())
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + size.latent_anchor * anchor + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_value, steps_done = loss.item(), step + 1
-        if step % 50 == 0:
-            _log(f"autoencoder step {step + 1}/{size.vae_steps} loss {loss_value:.4f}")
+        loss_value, steps_done = _optimiser_step(opt, loss, step, "autoencoder", size.vae_steps), step + 1
     vae.eval().requires_grad_(False)
     if anchored:
         set_posterior_std(vae, LATENT_NOISE)
     return vae, {"steps": steps_done, "batch": size.vae_batch, "final_loss": loss_value,
+                 "seconds": round(time.time() - start, 1)}
+
+
+def train_class_code(vae, images: np.ndarray, codes: torch.Tensor, size: BuildSize, seed: int):
+    """The encoder alone, trained again so that latent channel `CLASS_CHANNEL` holds the
+    object's class code (`codes`, from `class_maps`) while every other channel keeps the
+    value the autoencoder gave it (the decoder is untouched, so nothing it learned changes).
+
+    Trained jointly with reconstruction, the code stays a weak hint (on world 5, balls
+    and boxes came out at -0.60 and -0.69 where their codes are -1 and -0.33): the
+    decoder learns shapes from the picture, so nothing asks the encoder to get the code
+    right. On its own the encoder learns it in minutes: on a trial codec, after 4 minutes
+    the nearest code was the object's class on every captioned render of 300."""
+    torch.manual_seed(seed)
+    frozen = AutoencoderKL.from_config(vae.config)
+    frozen.load_state_dict(vae.state_dict())
+    frozen.eval().requires_grad_(False)
+    params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.encoder.train()
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    code = slice(CLASS_CHANNEL, CLASS_CHANNEL + 1)
+    others = [c for c in range(vae.config.latent_channels) if c != CLASS_CHANNEL]
+    loss_value, start, steps_done = float("nan"), time.time(), 0
+    for step in _scheduled_steps(opt, size.code_steps, size.code_minutes, 5e-4, 20):
+        idx, x = _image_batch(images, size.code_batch, gen)
+        mean = vae.encode(x).latent_dist.mean
+        with torch.no_grad():
+            kept = frozen.encode(x).latent_dist.mean[:, others]
+        loss = F.mse_loss(mean[:, code], codes[torch.from_numpy(idx)]) + F.mse_loss(mean[:, others], kept)
+        loss_value, steps_done = _optimiser_step(opt, loss, step, "class code", size.code_steps), step + 1
+    vae.eval().requires_grad_(False)
+    set_posterior_std(vae, LATENT_NOISE)
+    return vae, {"steps": steps_done, "batch": size.code_batch, "final_loss": loss_value,
                  "seconds": round(time.time() - start, 1)}
 
 
@@ -243,17 +300,52 @@ def set_posterior_std(vae, std: float) -> None:
 OBJECT_WEIGHT = 10.0
 
 
-def blurred_detail(z: torch.Tensor, sigma: float) -> torch.Tensor:
+def blurred_detail(z: torch.Tensor, sigma: float, picture_sigma: float = 0.0) -> torch.Tensor:
     """`z` with its detail channels (those after the anchored picture and the class code)
-    blurred by a Gaussian of `sigma` latent pixels: the soft detail a small denoiser draws."""
-    if sigma <= 0:
-        return z
+    blurred by a Gaussian of `sigma` latent pixels, the soft detail a small denoiser
+    draws, and its anchored picture by one of `picture_sigma`; the class code stays sharp."""
+    def blur(x, s):
+        return gaussian_blur(x, 2 * math.ceil(2 * s) + 1, s) if s > 0 else x
     first = CLASS_CHANNEL + 1
-    return torch.cat([z[:, :first], gaussian_blur(z[:, first:], 2 * math.ceil(2 * sigma) + 1, sigma)], dim=1)
+    return torch.cat([blur(z[:, :ANCHORED], picture_sigma), z[:, ANCHORED:first], blur(z[:, first:], sigma)], dim=1)
+
+
+@torch.no_grad()
+def denoised_latents(pipe, images: np.ndarray, captions: list[str], seed: int, *, steps: int = 25,
+                     start: tuple[float, float] = (0.3, 0.7), guidance: tuple[float, float] = (3.0, 7.0),
+                     batch: int = 100) -> torch.Tensor:
+    """Latents of `images` as the pipeline's own denoiser redraws them: each image is
+    encoded, noised to a random point of a `steps`-step DDIM schedule (a share `start`
+    of the way through it) and denoised over the rest with classifier-free guidance of a
+    random scale in `guidance`, conditioned on its caption, the way a sampler ends
+    (SDEdit, arXiv:2108.01073). Unscaled, as the decoder reads them.
+
+    The object keeps its place, size and colour, but its outline is the denoiser's: a
+    decoder trained to draw the render from these was meant to learn to draw the shape the
+    class code names where the picture is the denoiser's blob. Measured on world 6, the
+    decoder stage with them left the base model's class figure where it was (0.49)."""
+    gen = torch.Generator().manual_seed(seed)
+    scheduler = models.ddim_scheduler()
+    scheduler.set_timesteps(steps)
+    scaling = pipe.vae.config.scaling_factor
+    empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
+    out = []
+    for i in range(0, len(images), batch):
+        x, text = to_tensor(images[i:i + batch]), captions[i:i + batch]
+        z0 = pipe.vae.encode(x).latent_dist.mean * scaling
+        first = int(steps * (start[0] + (start[1] - start[0]) * torch.rand((), generator=gen).item()))
+        scale = guidance[0] + (guidance[1] - guidance[0]) * torch.rand((len(x), 1, 1, 1), generator=gen)
+        z = scheduler.add_noise(z0, torch.randn(z0.shape, generator=gen), scheduler.timesteps[first:first + 1])
+        cond = torch.cat([empty.expand(len(x), -1, -1), pipe.text_encoder(tokenize(pipe.tokenizer, text))[0]])
+        for t in scheduler.timesteps[first:]:
+            uncond, conditioned = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=cond).sample.chunk(2)
+            z = scheduler.step(uncond + scale * (conditioned - uncond), t, z).prev_sample
+        out.append(z / scaling)
+    return torch.cat(out)
 
 
 def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, size: BuildSize, seed: int,
-                     detail_blur: float = 0.0):
+                     detail_blur: float = 0.0, picture_blur: float = 0.0, denoised=None):
     """The autoencoder's decoder alone, trained again with the object's pixels weighted
     `OBJECT_WEIGHT` times a background pixel's.
 
@@ -267,7 +359,15 @@ def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, size: BuildSize
     With `detail_blur`, each batch's detail channels are blurred by a random sigma up to
     it, so the decoder learns to draw an object's shape from the anchored picture when
     the fine detail is soft, as a denoiser's is (otherwise it reads shape from the detail
-    alone and paints soft detail as a blob)."""
+    alone and paints soft detail as a blob). With `picture_blur`, the anchored picture is
+    blurred too (by its own random sigma), so that where both are soft the decoder draws
+    the shape the class code names (world 6's denoiser writes the prompt's code, but draws
+    the picture's edges as a blob). Measured: it helps through blur, yet a swapped code
+    still loses to the picture (docs/world.md).
+
+    With `denoised` (latents from `denoised_latents`, their renders and object masks),
+    a share `size.decoder_denoised_share` of the batches are those latents, to be drawn
+    as the renders they came from."""
     torch.manual_seed(seed)
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -278,23 +378,27 @@ def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, size: BuildSize
     gen = torch.Generator().manual_seed(seed)
     loss_value, start, steps_done = float("nan"), time.time(), 0
     for step in _scheduled_steps(opt, size.decoder_steps, size.decoder_minutes, 5e-4, 20):
-        idx, x = _image_batch(images, size.vae_batch, gen)
-        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(masks[idx]).float()[:, None]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=gen)
-            if detail_blur:
-                z = blurred_detail(z, detail_blur * torch.rand((), generator=gen).item())
+        if denoised is not None and torch.rand((), generator=gen).item() < size.decoder_denoised_share:
+            latents, targets, target_masks = denoised
+            idx, x = _image_batch(targets, size.vae_batch, gen)
+            weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(target_masks[idx]).float()[:, None]
+            z = latents[torch.from_numpy(idx)]
+        else:
+            idx, x = _image_batch(images, size.vae_batch, gen)
+            weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(masks[idx]).float()[:, None]
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample(generator=gen)
+                if detail_blur or picture_blur:
+                    sigma = detail_blur * torch.rand((), generator=gen).item()
+                    picture_sigma = picture_blur * torch.rand((), generator=gen).item() if picture_blur else 0.0
+                    z = blurred_detail(z, sigma, picture_sigma)
         error = vae.decode(z).sample - x
         loss = (weight * (error.abs() + error.square())).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_value, steps_done = loss.item(), step + 1
-        if step % 50 == 0:
-            _log(f"decoder step {step + 1}/{size.decoder_steps} loss {loss_value:.4f}")
+        loss_value, steps_done = _optimiser_step(opt, loss, step, "decoder", size.decoder_steps), step + 1
     vae.eval().requires_grad_(False)
     return vae, {"steps": steps_done, "batch": size.vae_batch, "final_loss": loss_value,
-                 "object_weight": OBJECT_WEIGHT, "detail_blur": detail_blur,
+                 "object_weight": OBJECT_WEIGHT, "detail_blur": detail_blur, "picture_blur": picture_blur,
+                 "denoised": 0 if denoised is None else len(denoised[0]),
                  "seconds": round(time.time() - start, 1)}
 
 
@@ -650,6 +754,8 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
             codes = class_maps(codec_masks, codec_classes) if size.class_anchor and size.latent_anchor else None
             vae, record = train_autoencoder(codec_images, size, seed, codes)
             record["class_anchor"] = codes is not None
+            if codes is not None and size.code_steps:
+                vae, record["class_code"] = train_class_code(vae, codec_images, codes, size, seed)
             vae.save_pretrained(str(out / ".work" / "vae"))
             done("autoencoder", record)
         mean, std = encode(vae, images)
@@ -674,8 +780,14 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
     if "decoder" not in state["parts"]:
         _log(f"rendering {size.images} autoencoder images for the decoder")
         images, masks = codec_batch(size.images, seed + 1, with_masks=True)
-        vae = AutoencoderKL.from_pretrained(str(out / "vae"), torch_dtype=torch.float32)
-        vae, record = finetune_decoder(vae, images, masks, size, seed, detail_blur=size.decoder_detail_blur)
+        pipe = load_pipeline(out)
+        denoised = None
+        if size.decoder_denoised:
+            _log(f"redrawing {size.decoder_denoised} world renders with the denoiser")
+            renders, captions, render_masks = render_data(size.decoder_denoised, seed + 3, with_masks=True)
+            denoised = (denoised_latents(pipe, renders, captions, seed + 3), renders, render_masks)
+        vae, record = finetune_decoder(pipe.vae, images, masks, size, seed, detail_blur=size.decoder_detail_blur,
+                                       picture_blur=size.decoder_picture_blur, denoised=denoised)
         vae.to(torch.float16).save_pretrained(str(out / "vae"), safe_serialization=True)
         done("decoder", record)
     shutil.rmtree(out / ".work", ignore_errors=True)
