@@ -321,3 +321,25 @@ def test_a_concept_folder_names_its_own_phrase(quick_world, tmp_path):
     (bare / "concept.json").unlink()
     with pytest.raises(UserError, match="--concept-phrase: not given, and neither the concept nor the model"):
         check_request(Request(prompt="a {} in the snow", model=str(out), concept=str(bare)))
+
+
+def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from personalize.cli import main
+    from personalize.cli import world as world_verb
+
+    built = {}
+
+    def fake_build(out, **kwargs):
+        built.update(kwargs)
+        return {"build_seconds": 0.0}
+
+    monkeypatch.setattr(world_verb, "build_world", fake_build)
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--no-check"]) == 0
+    assert built["size"] is build.WORLD6 and built["size"].code_steps > 0 and built["size"].decoder_denoised > 0
+    assert main(["world", "build", "--out", str(tmp_path / "w")]) == 0
+    assert built["size"] is build.FULL and build.FULL.code_steps == 0     # the shipped world's recipe by default
+    built.clear()
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--quick"]) == 2
+    assert "--quick builds its own tiny recipe" in capsys.readouterr().err and not built
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world7"]) == 2
+    assert "world7" in capsys.readouterr().err and not built
