@@ -8,6 +8,7 @@ the parts an interrupted build already finished instead of training them again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -261,9 +262,7 @@ def train_class_code(vae, images: np.ndarray, codes: torch.Tensor, size: BuildSi
     right. On its own the encoder learns it in minutes: on a trial codec, after 4 minutes
     the nearest code was the object's class on every captioned render of 300."""
     torch.manual_seed(seed)
-    frozen = AutoencoderKL.from_config(vae.config)
-    frozen.load_state_dict(vae.state_dict())
-    frozen.eval().requires_grad_(False)
+    frozen = copy.deepcopy(vae).eval().requires_grad_(False)
     params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
     vae.requires_grad_(False)
     for p in params:
@@ -380,14 +379,13 @@ def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, size: BuildSize
     gen = torch.Generator().manual_seed(seed)
     loss_value, start, steps_done = float("nan"), time.time(), 0
     for step in _scheduled_steps(opt, size.decoder_steps, size.decoder_minutes, 5e-4, 20):
-        if denoised is not None and torch.rand((), generator=gen).item() < size.decoder_denoised_share:
-            latents, targets, target_masks = denoised
-            idx, x = _image_batch(targets, size.vae_batch, gen)
-            weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(target_masks[idx]).float()[:, None]
-            z = latents[torch.from_numpy(idx)]
+        redrawn = denoised is not None and torch.rand((), generator=gen).item() < size.decoder_denoised_share
+        source, source_masks = (denoised[1], denoised[2]) if redrawn else (images, masks)
+        idx, x = _image_batch(source, size.vae_batch, gen)
+        weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(source_masks[idx]).float()[:, None]
+        if redrawn:
+            z = denoised[0][torch.from_numpy(idx)]
         else:
-            idx, x = _image_batch(images, size.vae_batch, gen)
-            weight = 1.0 + (OBJECT_WEIGHT - 1.0) * torch.from_numpy(masks[idx]).float()[:, None]
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample(generator=gen)
                 if detail_blur or picture_blur:
@@ -782,13 +780,13 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
     if "decoder" not in state["parts"]:
         _log(f"rendering {size.images} autoencoder images for the decoder")
         images, masks = codec_batch(size.images, seed + 1, with_masks=True)
-        pipe = load_pipeline(out)
+        vae = AutoencoderKL.from_pretrained(str(out / "vae"), torch_dtype=torch.float32)
         denoised = None
-        if size.decoder_denoised:
+        if size.decoder_denoised:   # only then the denoiser and text encoder are loaded too
             _log(f"redrawing {size.decoder_denoised} world renders with the denoiser")
             renders, captions, render_masks = render_data(size.decoder_denoised, seed + 3, with_masks=True)
-            denoised = (denoised_latents(pipe, renders, captions, seed + 3), renders, render_masks)
-        vae, record = finetune_decoder(pipe.vae, images, masks, size, seed, detail_blur=size.decoder_detail_blur,
+            denoised = (denoised_latents(load_pipeline(out), renders, captions, seed + 3), renders, render_masks)
+        vae, record = finetune_decoder(vae, images, masks, size, seed, detail_blur=size.decoder_detail_blur,
                                        picture_blur=size.decoder_picture_blur, denoised=denoised)
         vae.to(torch.float16).save_pretrained(str(out / "vae"), safe_serialization=True)
         done("decoder", record)
