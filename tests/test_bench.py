@@ -49,8 +49,19 @@ def test_rows_are_the_plans_rows(report):
         assert entry["rows"] == total_rows(plan(config))
 
 
+def test_onnx_rows_for_the_samplers_that_can(report):
+    """On a CPU in float32 each sampler that does not reach into attention is timed again
+    with its denoiser in ONNX Runtime: the same rows, its own time."""
+    pytest.importorskip("onnxruntime")
+    want = [n + bench.ONNX for n in SAMPLERS if n not in ("masked", "photoswap")]
+    assert list(report["onnx"]) == want
+    for name, entry in report["onnx"].items():
+        assert entry["rows"] == report["samplers"][name.removesuffix(bench.ONNX)]["rows"]
+        assert entry["s"] == statistics.median(entry["runs_s"]) and len(entry["runs_s"]) == 2
+
+
 def test_ratios_are_computed_from_the_reported_medians(report):
-    entries = dict(report["samplers"], diffusers=report["diffusers"])
+    entries = dict(report["samplers"], **report["onnx"], diffusers=report["diffusers"])
     for entry in entries.values():
         assert entry["s"] == statistics.median(entry["runs_s"])
         assert entry["s_per_row"] == entry["s"] / entry["rows"]
@@ -69,7 +80,7 @@ def test_ratios_are_computed_from_the_reported_medians(report):
 
 def test_table_names_every_method_and_target(report):
     table = bench.format_report(report)
-    for name in ["diffusers", *SAMPLERS, *report["ratios"], "training:", *METHODS]:
+    for name in ["diffusers", *SAMPLERS, *report["onnx"], *report["ratios"], "training:", *METHODS]:
         assert name in table
 
 
@@ -141,6 +152,8 @@ def test_no_training_skips_the_section(capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert "training" not in report and list(report["samplers"]) == ["concept"]
+    assert main(args + ["--no-onnx"]) == 0
+    assert json.loads(capsys.readouterr().out)["onnx"] == {}
 
 
 @pytest.mark.parametrize("extra,message", [

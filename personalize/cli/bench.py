@@ -11,6 +11,8 @@ from personalize.errors import UserError
 from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
 from personalize.models.architectures import ARCHITECTURES, build_pipeline
 from personalize.models.loading import check_device, default_model, load_pipeline
+from personalize.sampling.backbones import backbone
+from personalize.sampling.runtime import onnx_available
 from personalize.sampling.samplers import SAMPLERS
 from personalize.training.recipes import METHODS, recipe
 from personalize.world.paths import is_world
@@ -39,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--throughput-images", type=int, default=8,
                         help="on a world (a model folder with world.json): images per prompt of the throughput section, "
                              "4 prompts; 0 skips it (default 8)")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="skip the rows with the denoiser in ONNX Runtime (timed by default on a CPU in float32 "
+                             "when onnxruntime is installed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -53,7 +58,9 @@ def command(args) -> int:
     report = run_bench(pipe, model=model, names=names, device=args.device, dtype=args.dtype, steps=args.steps,
                        size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                        progress=progress_line, training_methods=training, training_steps=args.training_steps,
-                       throughput_images=args.throughput_images if is_world(model) else 0)
+                       throughput_images=args.throughput_images if is_world(model) else 0,
+                       onnx=not args.no_onnx and args.device == "cpu" and args.dtype == "float32"
+                       and onnx_available() and backbone(pipe).family == "sd")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

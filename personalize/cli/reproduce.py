@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=None, help="images per prompt (default 10; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default {STEPS}; quick 4)")
     parser.add_argument("--batch-images", type=int, default=64, help="images per denoiser batch")
+    parser.add_argument("--runtime", default="auto",
+                        help="where the denoiser runs: auto (ONNX Runtime where installed) | onnx | torch")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -28,7 +30,7 @@ def command(args) -> int:
             raise UserError("--world: no world is shipped here; build one with `personalize world build` "
                             "and give its folder")
     meta = reproduce(world, args.out, quick=args.quick, images=args.images, steps=args.steps,
-                     batch_images=args.batch_images, progress=not args.no_progress)
+                     batch_images=args.batch_images, progress=not args.no_progress, runtime=args.runtime)
     if "runs" not in meta:
         return 0  # another process of `accelerate launch`: the first one reports
     print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.html'} "

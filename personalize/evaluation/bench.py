@@ -32,7 +32,7 @@ from personalize.models.demo import DEMO_CONCEPT
 from personalize.prompts import prompt_pair
 from personalize.sampling import engine
 from personalize.sampling.backbones import default_size
-from personalize.sampling.samplers import configure
+from personalize.sampling.samplers import configure, plan
 from personalize.training.bench import training_bench
 from personalize.training.loop import check_resolution
 from personalize.training.recipes import METHODS
@@ -67,15 +67,19 @@ TARGETS = (
     Target("photoswap", "mixed", 1.45),
     Target("profusion", "mixed", 1.8),
     Target("masked", "mixed", 1.05, "peak_mb"),
+    Target("mixed onnx", "mixed", 0.75),
 )
+ONNX = " onnx"  # suffix of the rows whose denoiser ran in ONNX Runtime (sampling/runtime.py)
 
 
 # -- measuring ----------------------------------------------------------------------------
 
 def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype: str = "float32", steps: int = 10,
               size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0, progress=None,
-              training_methods=None, training_steps: int = 3, throughput_images: int = 0) -> dict:
-    """Time diffusers' pipeline and the samplers `names` on `pipe`, then the training
+              training_methods=None, training_steps: int = 3, throughput_images: int = 0,
+              onnx: bool = False) -> dict:
+    """Time diffusers' pipeline and the samplers `names` on `pipe` (with `onnx`, also each
+    sampler that can, with its denoiser in ONNX Runtime: rows "<name> onnx"), then the training
     methods `training_methods` (None: every one; empty: none) for `training_steps` steps
     at the same size; with `throughput_images` (a world), the sweep's batched throughput
     against one image at a time on 4 prompts of that many images each (`throughput`);
@@ -85,7 +89,7 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
     train = training_methods is None or len(training_methods) > 0
     if train:
         check_training_size(pipe, size)   # before minutes of sampling, not after
-    jobs, configs = make_jobs(pipe, names, steps=steps, size=size, seed=seed)
+    jobs, configs = make_jobs(pipe, names, steps=steps, size=size, seed=seed, onnx=onnx)
     load_start = load_average()
     runs: dict[str, list] = {name: [] for name in jobs}
     rounds = warmup + repeats
@@ -99,15 +103,16 @@ def run_bench(pipe, *, model: str, names: list[str], device: str = "cpu", dtype:
     results = {name: summarize(ms) for name, ms in runs.items()}
     for name in names:
         results[name]["params"] = dict(configs[name].params)
+    onnx_rows = {name: results.pop(name) for name in list(results) if name.endswith(ONNX)}
     report = {"device": device, "model": model, "steps": steps, "size": size, "dtype": dtype,
               "repeats": repeats, "warmup": warmup, "seed": seed,
               "diffusers_concept_s": results[DIFFUSERS]["s"], DIFFUSERS: results.pop(DIFFUSERS),
-              "samplers": results, "machine": dict(machine(device), load_start=load_start)}
+              "samplers": results, "onnx": onnx_rows, "machine": dict(machine(device), load_start=load_start)}
     report["ratios"] = ratios(report)
     if throughput_images:
         if progress is not None:
             progress(f"throughput: 4 prompts x {throughput_images} images, three ways")
-        report["throughput"] = throughput(pipe, images=throughput_images, steps=steps, size=size)
+        report["throughput"] = throughput(pipe, images=throughput_images, steps=steps, size=size, onnx=onnx)
     if train:
         if progress is not None:
             progress(f"training: {training_steps} steps per method")
@@ -168,10 +173,11 @@ class Measurement:
     peak_bytes: int
 
 
-def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int) -> tuple[dict, dict]:
+def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int, onnx: bool = False) -> tuple[dict, dict]:
     """name -> a function that generates one image and returns the denoiser rows it used,
     and sampler name -> its config: the defaults (step counts scaled to `steps` by
-    `configure`, so every stage keeps its share of the trajectory and of the cost)."""
+    `configure`, so every stage keeps its share of the trajectory and of the cost). With
+    `onnx`, "<name> onnx" for each sampler that does not reach into attention."""
 
 
     prompts = prompt_pair(TEMPLATE, DEMO_CONCEPT["phrase"], DEMO_CONCEPT["superclass"])
@@ -187,14 +193,17 @@ def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int) -> tu
                   generator=torch.Generator("cpu").manual_seed(seed))
         return 2 * steps
 
-    def sampler_job(config):
+    def sampler_job(config, runtime="torch"):
         def job() -> int:
             return engine.run(pipe, prompts, config, seed=seed, height=size, width=size,
-                              concept_phrase=DEMO_CONCEPT["phrase"]).rows
+                              concept_phrase=DEMO_CONCEPT["phrase"], runtime=runtime).rows
         return job
 
     configs = {name: configure(name, {}, steps) for name in names}
     jobs = {DIFFUSERS: diffusers_job, **{name: sampler_job(config) for name, config in configs.items()}}
+    if onnx:
+        jobs.update({name + ONNX: sampler_job(config, "onnx") for name, config in configs.items()
+                     if not any(s.mask or s.swap for s in plan(config))})
     return jobs, configs
 
 
@@ -227,7 +236,7 @@ def summarize(measurements: list[Measurement]) -> dict:
 def ratios(report: dict) -> dict:
     """Every target whose methods were timed: {name: {value, max, (min), met}}, computed
     from the report's own medians."""
-    entries = dict(report["samplers"], **{DIFFUSERS: report[DIFFUSERS]})
+    entries = dict(report["samplers"], **report.get("onnx", {}), **{DIFFUSERS: report[DIFFUSERS]})
     out = {}
     for t in TARGETS:
         if t.numerator in entries and t.denominator in entries:
@@ -275,9 +284,9 @@ def format_report(report: dict) -> str:
     lines = [f"model: {report['model']}",
              f"{report['device']} {report['dtype']}, {report['size']}x{report['size']}, {report['steps']} steps, "
              f"median of {report['repeats']} after {report['warmup']} warm-up round(s)",
-             "", f"{'method':<11} {'s/image':>8} {'rows':>5} {'s/row':>7} {'peak MB':>8}"]
-    for name, e in {DIFFUSERS: report[DIFFUSERS], **report["samplers"]}.items():
-        lines.append(f"{name:<11} {e['s']:>8.3f} {e['rows']:>5} {e['s_per_row']:>7.4f} {e['peak_mb']:>8.0f}")
+             "", f"{'method':<15} {'s/image':>8} {'rows':>5} {'s/row':>7} {'peak MB':>8}"]
+    for name, e in {DIFFUSERS: report[DIFFUSERS], **report["samplers"], **report.get("onnx", {})}.items():
+        lines.append(f"{name:<15} {e['s']:>8.3f} {e['rows']:>5} {e['s_per_row']:>7.4f} {e['peak_mb']:>8.0f}")
     lines += ["", f"{'ratio of medians':<34} {'value':>6}  target"]
     for name, r in report["ratios"].items():
         target = f"{r['min']:.2f}..{r['max']:.2f}" if "min" in r else f"<= {r['max']:.2f}"
@@ -299,14 +308,16 @@ def format_throughput(t: dict) -> list[str]:
     lines = [f"throughput: concept sampling, {t['images']} images ({t['prompts']} prompts), {t['steps']} steps, "
              f"{t['size']}x{t['size']}",
              f"{'way':<34} {'images/s':>9} {'calls':>6} {'rows':>6}"]
-    labels = {"sweep": "sweep (batched, as reproduce runs)", "generate": "one generate per image",
-              "diffusers": "diffusers' pipeline per prompt"}
+    labels = {"sweep": "sweep (batched)", "generate": "one generate per image",
+              "diffusers": "diffusers' pipeline per prompt", "sweep onnx": "sweep, denoiser in ONNX Runtime"}
     for name, w in t["ways"].items():
         lines.append(f"{labels[name]:<34} {w['images_per_s']:>9.2f} {w['denoiser_calls']:>6} {w['denoiser_rows']:>6}")
     met = t["sweep_vs_generate"] >= t["min_sweep_vs_generate"]
     lines += [f"{'sweep / generate (images per s)':<34} {t['sweep_vs_generate']:>9.2f}  >= "
               f"{t['min_sweep_vs_generate']:.2f} {'met' if met else 'MISSED'}",
               f"{'sweep / diffusers (images per s)':<34} {t['sweep_vs_diffusers']:>9.2f}"]
+    if "sweep_onnx_vs_sweep" in t:
+        lines.append(f"{'sweep onnx / sweep (images per s)':<34} {t['sweep_onnx_vs_sweep']:>9.2f}")
     return lines
 
 

@@ -35,6 +35,7 @@ from personalize.evaluation.sweep_config import parse_config
 from personalize.prompts import prompt_pair
 from personalize.sampling.batched import Item, run_many
 from personalize.sampling.engine import run
+from personalize.sampling.runtime import onnx_denoiser, resolve_runtime
 from personalize.sampling.samplers import configure
 from personalize.world.paths import is_world
 
@@ -76,12 +77,14 @@ def study_samplers(steps: int = STEPS, quick: bool = False) -> list[dict]:
     ]
 
 
-def study_config(world: Path, *, quick: bool, images: int, steps: int, batch_images: int) -> dict:
+def study_config(world: Path, *, quick: bool, images: int, steps: int, batch_images: int,
+                 runtime: str = "auto") -> dict:
     concepts = ["star"] if quick else ["star", "ball"]
     prompts = [WORLD[0], WORLD[9]] if quick else list(WORLD)  # quick: one context, one colour prompt
     return {"model": str(world), "concepts": [{"name": c} for c in concepts], "prompts": prompts,
             "seeds": [0], "steps": steps, "height": 64, "width": 64, "images_per_prompt": images,
-            "batch_images": batch_images, "device": "cpu", "samplers": study_samplers(steps, quick)}
+            "batch_images": batch_images, "device": "cpu", "runtime": runtime,
+            "samplers": study_samplers(steps, quick)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,8 +308,10 @@ def wall_time(runs: list[dict]) -> str:
     if not images:
         return "Wall time: no images computed by a run that finished."
     procs = sorted({r["processes"] for r in worked})
+    runtimes = sorted({r.get("runtime", "torch") for r in worked})
     return (f"Wall time {seconds:.0f} s ({seconds / 60:.1f} min) for {images} images in {len(worked)} run(s) "
-            f"of {'/'.join(map(str, procs))} process(es): {images / seconds:.2f} images/s.")
+            f"of {'/'.join(map(str, procs))} process(es): {images / seconds:.2f} images/s; denoiser in "
+            f"{' and '.join(RUNTIME_NAMES[r] for r in runtimes)}.")
 
 
 def report_md(rows: list[dict], meta: dict, png_note: str | None, chart_list) -> str:
@@ -347,15 +352,16 @@ def report_md(rows: list[dict], meta: dict, png_note: str | None, chart_list) ->
 
 
 TIMING_FILE = "runs.json"  # one entry per run of the command: the report's wall time is their sum
+RUNTIME_NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime (masked sampling and Photoswap in PyTorch)"}
 
 
-def record_run(out: Path, seconds: float, new_images: int, processes: int) -> list[dict]:
+def record_run(out: Path, seconds: float, new_images: int, processes: int, runtime: str = "torch") -> list[dict]:
     """Append this run to `out/runs.json` (written whole, then renamed, so a kill leaves
     the old file) and return every run so far."""
     path = out / TIMING_FILE
     runs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1),
-                 "new_images": new_images, "processes": processes})
+                 "new_images": new_images, "processes": processes, "runtime": runtime})
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
     tmp.replace(path)
@@ -363,7 +369,8 @@ def record_run(out: Path, seconds: float, new_images: int, processes: int) -> li
 
 
 def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images: int | None = None,
-              steps: int | None = None, batch_images: int = 64, progress: bool = True) -> dict:
+              steps: int | None = None, batch_images: int = 64, progress: bool = True,
+              runtime: str = "auto") -> dict:
     """Run (or resume) the study's sweeps on `world` into `out/sweep`, then write the report.
 
     Under `accelerate launch --num_processes N` every process takes its share of the
@@ -376,8 +383,9 @@ def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images
         raise UserError(f"--world: {world} is not a world (no world.json); build one with `personalize world build`")
     steps = steps or (4 if quick else STEPS)
     images = images or (1 if quick else 10)
-    raw = study_config(world, quick=quick, images=images, steps=steps, batch_images=batch_images)
+    raw = study_config(world, quick=quick, images=images, steps=steps, batch_images=batch_images, runtime=runtime)
     config = parse_config(raw, base=out)
+    runtime = resolve_runtime(runtime, config.device, config.dtype)
     state = process_state(config.device)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +400,7 @@ def reproduce(world: str | Path, out: str | Path, *, quick: bool = False, images
             "images_per_second": new_images / seconds if new_images else 0.0, "processes": state.num_processes}
     if not state.is_main_process:
         return meta
-    runs = record_run(out, seconds, new_images, state.num_processes)
+    runs = record_run(out, seconds, new_images, state.num_processes, runtime)
     meta["runs"] = runs
     rows = read_rows(out / "sweep" / RESULTS)
     meta["metric_models"] = rows[0]["metric_models"] if rows else ""
@@ -427,35 +435,49 @@ class DenoiserCount:
 
 
 def throughput(pipe, *, prompts: int = 4, images: int = 4, steps: int = STEPS, size: int = 64,
-               phrase: str = "sks star", superclass: str = "star") -> dict:
+               phrase: str = "sks star", superclass: str = "star", onnx: bool = False) -> dict:
     """Images per second, the same images three ways on `pipe`: the sweep's batched loop
     (every prompt and image in one loop, `run_many`), one `engine.run` per image (as
-    `generate` runs) and diffusers' own pipeline once per prompt. Concept sampling (w = 7),
-    which diffusers' pipeline runs too; a concept's weights do not change the time, so
-    none is applied. Each way's denoiser calls and rows come with its time: the rows
-    agree, the calls show the batching."""
+    `generate` runs) and diffusers' own pipeline once per prompt; with `onnx`, a fourth:
+    the sweep's loop with the denoiser in ONNX Runtime (its export made before the clock
+    starts, as a sweep pays it once). Concept sampling (w = 7), which diffusers' pipeline
+    runs too; a concept's weights do not change the time, so none is applied. Each way's
+    denoiser calls and rows come with its time: the rows agree, the calls show the
+    batching."""
 
     config = configure("concept", {}, steps)
     pairs = [prompt_pair(t, phrase, superclass) for t in WORLD[:prompts]]
     prompts = len(pairs)
     n, ways = prompts * images, {}
 
-    def timed(name, fn):
+    def timed(name, fn, runner=None):
+        calls, rows = (runner.calls, runner.rows) if runner else (0, 0)
         with DenoiserCount(pipe.unet) as count:
             t0 = time.perf_counter()
             fn()
             seconds = time.perf_counter() - t0
+        if runner:
+            count.calls, count.rows = count.calls + runner.calls - calls, count.rows + runner.rows - rows
         ways[name] = {"images_per_s": n / seconds, "seconds": seconds, "denoiser_calls": count.calls,
                       "denoiser_rows": count.rows}
 
-    timed("sweep", lambda: run_many(pipe, [Item(p, 0) for p in pairs], config, num_images=images, height=size,
-                                    width=size, concept_phrase=phrase))
+    def sweep(runtime="torch"):
+        return run_many(pipe, [Item(p, 0) for p in pairs], config, num_images=images, height=size, width=size,
+                        concept_phrase=phrase, runtime=runtime)
+
+    timed("sweep", sweep)
     timed("generate", lambda: [run(pipe, p, config, seed=k, num_images=1, height=size, width=size,
                                    concept_phrase=phrase) for p in pairs for k in range(images)])
     timed("diffusers", lambda: [pipe(p.concept, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
                                      num_images_per_prompt=images, generator=torch.Generator().manual_seed(0))
                                 for p in pairs])
-    return {"images": n, "prompts": prompts, "steps": steps, "size": size, "sampler": "concept", "ways": ways,
-            "sweep_vs_generate": ways["generate"]["seconds"] / ways["sweep"]["seconds"],
-            "sweep_vs_diffusers": ways["diffusers"]["seconds"] / ways["sweep"]["seconds"],
-            "min_sweep_vs_generate": THROUGHPUT_TARGET}
+    out = {"images": n, "prompts": prompts, "steps": steps, "size": size, "sampler": "concept", "ways": ways,
+           "sweep_vs_generate": ways["generate"]["seconds"] / ways["sweep"]["seconds"],
+           "sweep_vs_diffusers": ways["diffusers"]["seconds"] / ways["sweep"]["seconds"],
+           "min_sweep_vs_generate": THROUGHPUT_TARGET}
+    if onnx:
+        factor = pipe.vae_scale_factor
+        runner = onnx_denoiser(pipe.unet, (size // factor, size // factor))  # the export, off the clock
+        timed("sweep onnx", lambda: sweep("onnx"), runner)
+        out["sweep_onnx_vs_sweep"] = ways["sweep"]["seconds"] / ways["sweep onnx"]["seconds"]
+    return out

@@ -258,7 +258,7 @@ def request_for(config: SweepConfig, job: Job, device: str, num_images: int):
                    concept_phrase=job.concept.phrase, superclass=job.concept.superclass,
                    negative_prompt=config.negative_prompt, steps=config.steps, seed=job.seed,
                    num_images=num_images, height=config.height, width=config.width, device=device,
-                   dtype=config.dtype, scheduler=config.scheduler)
+                   dtype=config.dtype, scheduler=config.scheduler, runtime=config.runtime)
 
 
 def resolve_device(device: str) -> str:
@@ -373,7 +373,8 @@ def run_batch(config: SweepConfig, batch: list[tuple[Job, list[int]]], device: s
 
     items = [Item(prompt_pair(job.prompt, prep.concept_phrase, prep.superclass), job.seed) for job, _ in batch]
     results = run_many(pipe, items, prep.config, num_images=n, height=config.height, width=config.width,
-                       negative_prompt=config.negative_prompt, concept_phrase=prep.concept_phrase)
+                       negative_prompt=config.negative_prompt, concept_phrase=prep.concept_phrase,
+                       runtime=req.runtime)
     model_label = req.model or f"demo ({prep.model})"
     wanted = [(job, k, result) for (job, missing), result in zip(batch, results) for k in missing]
     paths = []

@@ -31,7 +31,7 @@ from personalize.sampling.samplers import SAMPLERS, configure
 from personalize.world.paths import is_world
 
 TOP_KEYS = ("model", "concepts", "prompts", "seeds", "steps", "images_per_prompt", "samplers",
-            "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images")
+            "negative_prompt", "scheduler", "height", "width", "device", "dtype", "metrics", "batch_images", "runtime")
 CONCEPT_KEYS = ("name", "phrase", "superclass", "references", "weights", "model", "prompts")
 BENCH_KEYS = ("dreambench", "subjects", "phrase", "weights", "model", "prompts")
 SAMPLER_KEYS = ("name", "points", "grid")
@@ -79,6 +79,7 @@ class SweepConfig:
     metrics: Any = None  # metrics.MetricSettings, device not yet filled in
     batch_images: int = 32  # images per denoiser batch (jobs of one sampler point go together)
     world: bool = False     # the model is a world: rows get the judge's fidelity columns
+    runtime: str = "torch"  # where the denoiser runs (sampling/runtime.py); checked with each request
 
 
 def load_config(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> SweepConfig:
@@ -122,6 +123,7 @@ def parse_config(raw, *, base: str | Path = ".", device: str | None = None, dtyp
         metrics=metrics,
         batch_images=_whole(raw.get("batch_images", 32), "batch_images", 1),
         world=world,
+        runtime=_text(raw.get("runtime", "torch"), "runtime"),
     )
 
 

@@ -34,6 +34,7 @@ from personalize.models.loading import (
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
 from personalize.runs.preview import latents_to_rgb, map_to_image
+from personalize.sampling.runtime import check_runtime
 from personalize.world.check import world_metric_settings
 from personalize.world.paths import is_world
 
@@ -80,7 +81,7 @@ class Lab:
 
     def __init__(self, model: str | None = None, *, concept: str | None = None, concept_phrase: str | None = None,
                  superclass: str | None = None, device: str = "cpu", dtype: str = "float32",
-                 try_study_model: bool = True, concepts_dir: str | None = None):
+                 try_study_model: bool = True, concepts_dir: str | None = None, runtime: str = "auto"):
         self.demo = False
         self.reason = "named on the command line"
         if model is None and try_study_model:
@@ -90,6 +91,9 @@ class Lab:
             model, self.reason = str(ensure_demo_model()), "the offline demo model (the study's model was not tried)"
         model = check_model(model)
         self.model, self.device, self.dtype = model, device, dtype
+        # The app's runs default to `auto`: ONNX Runtime on a CPU halves a small model's step.
+        check_runtime(runtime, device, dtype)
+        self.runtime = runtime
         model_meta = read_concept_json(model) if Path(model).is_dir() else None
         self.demo = self.demo or bool((model_meta or {}).get("random_weights"))
         meta = concept_meta(model, concept)   # a trained concept names its own phrase
@@ -222,7 +226,7 @@ class Lab:
                            concept=concept.weights, concept_phrase=concept.phrase, superclass=concept.superclass,
                            negative_prompt=negative_prompt or "", steps=steps, seed=seed,
                            num_images=num_images, height=size, width=size, device=self.device,
-                           dtype=self.dtype, scheduler=self.scheduler)
+                           dtype=self.dtype, scheduler=self.scheduler, runtime=self.runtime)
         return runs.check(req, self.limits)
 
     def stream(self, prep: runs.Prepared, stop: threading.Event | None = None) -> Iterator[StepUpdate | Finished]:

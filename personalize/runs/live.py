@@ -139,7 +139,7 @@ def is_linear(config: SamplerConfig) -> bool:
 
 
 def run_points(pipe, prompts, configs: list[SamplerConfig], *, seed: int, height: int | None = None,
-               width: int | None = None, negative_prompt: str = "") -> list[engine.RunResult]:
+               width: int | None = None, negative_prompt: str = "", runtime: str = "torch") -> list[engine.RunResult]:
     """One image per config, all from the same seed, as `engine.run` would make each: the
     configs are lanes of one loop, whose every step evaluates the union of their rows once
     and combines them per config.
@@ -152,10 +152,11 @@ def run_points(pipe, prompts, configs: list[SamplerConfig], *, seed: int, height
     if not all(is_linear(c) for c in configs):
         raise UserError("run_points: masked, ProFusion and Photoswap plans run one at a time")
     lanes = [engine.Lane(prompts, seed, plan(c)) for c in configs]
-    result = engine.denoise(pipe, lanes, height=height, width=width, negative_prompt=negative_prompt)
+    result = engine.denoise(pipe, lanes, height=height, width=width, negative_prompt=negative_prompt,
+                            runtime=runtime)
     seconds = result.seconds / len(configs)
     return [engine.RunResult([result.images[k]], result.latents[k:k + 1], result.rows[k], seconds, None,
-                             result.step_rows[k], result.size) for k in range(len(configs))]
+                             result.step_rows[k], result.size, result.runtime) for k in range(len(configs))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class Live:
         if all(is_linear(c) for c in configs):
             pipe = self._pipe(preps[0])
             results = run_points(pipe, preps[0].prompts, configs, seed=req.seed, height=req.height,
-                                 width=req.width, negative_prompt=req.negative_prompt)
+                                 width=req.width, negative_prompt=req.negative_prompt, runtime=req.runtime)
             cards = [self._card(p, r, type(pipe.scheduler).__name__) for p, r in zip(preps, results)]
             return [self.finish(concept, r.images, c) for r, c in zip(results, cards)]
         return [self._one(concept, p) for p in preps]

@@ -19,6 +19,7 @@ from personalize.models.loading import SCHEDULERS, check_device, check_model, co
 from personalize.prompts import check_template, prompt_pair
 from personalize.runs.runcard import run_card
 from personalize.sampling import engine
+from personalize.sampling.runtime import check_runtime
 from personalize.sampling.samplers import MAX_STEPS, configure, plan, total_rows
 from personalize.settings import whole_setting
 
@@ -115,6 +116,7 @@ class Request:
     device: str = "cpu"
     dtype: str = "float32"
     scheduler: str = "model"
+    runtime: str = "torch"              # where the denoiser runs (sampling/runtime.py)
 
 
 @dataclass
@@ -174,6 +176,7 @@ def check(req: Request, limits: Limits = LOCAL) -> Prepared:
     config = configure(req.sampler, req.params, req.steps)
     check_template(req.prompt)
     check_device(req.device, req.dtype)
+    check_runtime(req.runtime, req.device, req.dtype)
     if req.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: {req.scheduler!r} is not one of {' | '.join(SCHEDULERS)}")
     if req.concept is not None:
@@ -218,7 +221,7 @@ def execute(prep: Prepared, *, callback=None, stop: threading.Event | None = Non
     applied = use_concept(pipe, req.concept, prep.concept_phrase, req.concept_scale)
     result = engine.run(pipe, prep.prompts, prep.config, seed=req.seed, num_images=req.num_images,
                         height=req.height, width=req.width, negative_prompt=req.negative_prompt,
-                        concept_phrase=prep.concept_phrase, callback=callback, stop=stop)
+                        concept_phrase=prep.concept_phrase, callback=callback, stop=stop, runtime=req.runtime)
     height, width = result.size
     card = run_card(config=prep.config, prompts=prep.prompts, negative_prompt=req.negative_prompt,
                     concept_phrase=prep.concept_phrase, superclass=prep.superclass, seed=req.seed,

@@ -18,7 +18,7 @@ from personalize.runs.preview import latents_to_rgb, map_to_image
 
 def versions() -> dict:
     out = {}
-    for name in ("personalize", "torch", "diffusers", "transformers"):
+    for name in ("personalize", "torch", "diffusers", "transformers", "onnxruntime"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -46,6 +46,7 @@ def run_card(*, config, prompts, negative_prompt, concept_phrase, superclass, se
         "scheduler": scheduler,
         "device": device,
         "dtype": dtype,
+        "runtime": result.runtime,
         "versions": versions(),
         "denoiser_rows": result.rows,
         "denoiser_rows_per_step": result.step_rows,

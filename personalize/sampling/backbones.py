@@ -36,6 +36,7 @@ class Backbone:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.runner = None  # the denoiser's stand-in for this run (runtime.denoiser_runner), or None
 
     # -- what the loop reads ---------------------------------------------------------------
     @property
@@ -81,6 +82,8 @@ class Backbone:
 
     def __call__(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """The noise prediction for a batch (rows of `x` match rows of `cond`)."""
+        if self.runner is not None:
+            return self.runner(x, t, cond["encoder_hidden_states"])
         return self.denoiser(x, t, **cond, return_dict=False)[0]
 
     def prepare_latents(self, num_images: int, height: int, width: int, dtype, generator) -> torch.Tensor:

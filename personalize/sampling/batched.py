@@ -34,7 +34,7 @@ class ItemResult:
 
 def run_many(pipe, items: list[Item], config: SamplerConfig, *, num_images: int = 1, height: int | None = None,
              width: int | None = None, negative_prompt: str = "", concept_phrase: str | None = None,
-             decode: bool = True) -> list[ItemResult]:
+             decode: bool = True, runtime: str = "torch") -> list[ItemResult]:
     """The images of every item (`num_images` each), as `engine.run` would make them one
     item at a time, from as few denoiser calls as the plan allows."""
     if not items:
@@ -51,7 +51,7 @@ def run_many(pipe, items: list[Item], config: SamplerConfig, *, num_images: int 
     for index, members in groups.items():
         lanes = [Lane(items[k].prompts, items[k].seed, steps) for k in members]
         result = denoise(pipe, lanes, num_images=num_images, height=height, width=width,
-                         negative_prompt=negative_prompt, token_index=index, decode=decode)
+                         negative_prompt=negative_prompt, token_index=index, decode=decode, runtime=runtime)
         n = num_images
         for j, k in enumerate(members):
             images = result.images[j * n:(j + 1) * n] if decode else [None] * n

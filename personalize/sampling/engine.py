@@ -31,6 +31,7 @@ from personalize.prompts import PromptPair
 from personalize.sampling import guidance
 from personalize.sampling.attention import AttentionHooks
 from personalize.sampling.backbones import Backbone, Conditioning, backbone, batch_conditioning
+from personalize.sampling.runtime import denoiser_runner
 from personalize.sampling.samplers import ROW_ORDER, C, S, SamplerConfig, Step, U, plan
 
 
@@ -47,6 +48,7 @@ class RunResult:
     token_index: int | None = None   # masked / photoswap: position of the concept identifier
     step_rows: list[int] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)   # (height, width) of the images, defaults filled in
+    runtime: str = "torch"           # where the denoiser ran: "torch" or "onnx"
 
 
 StepCallback = Callable[[dict], None]
@@ -63,7 +65,7 @@ class Lane:
 def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_images: int = 1,
         height: int | None = None, width: int | None = None, negative_prompt: str = "",
         concept_phrase: str | None = None, callback: StepCallback | None = None,
-        stop=None, decode: bool = True) -> RunResult:
+        stop=None, decode: bool = True, runtime: str = "torch") -> RunResult:
     """Sample `num_images` images of `prompts` with the sampler `config` on a diffusers
     pipeline `pipe` of a supported family (SD 1.x/2.x, SD-XL, PixArt-alpha; see
     `backbones.py`), from its components only: its own loop is not used.
@@ -72,6 +74,8 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
     `latents` (after the step), `noise_pred` (the guided prediction), `predictions`
     (branch name -> prediction) and, for masked sampling, `attention` and `mask`.
     `stop` is anything with `is_set()`; once set, the run raises `Stopped` at its next step.
+    `runtime` says where the denoiser runs (`runtime.RUNTIMES`; masked sampling and
+    Photoswap always in PyTorch).
     """
     if num_images < 1:
         raise UserError(f"--num-images: {num_images} must be at least 1")
@@ -82,9 +86,9 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
         token_index = model.token_index(prompts.concept, concept_phrase) if concept_phrase else None
     result = denoise(pipe, [Lane(prompts, seed, steps)], num_images=num_images, height=height, width=width,
                      negative_prompt=negative_prompt, token_index=token_index, callback=callback, stop=stop,
-                     decode=decode)
+                     decode=decode, runtime=runtime)
     return RunResult(result.images, result.latents, result.rows[0], result.seconds, token_index,
-                     result.step_rows[0], result.size)
+                     result.step_rows[0], result.size, result.runtime)
 
 
 @dataclass
@@ -95,11 +99,13 @@ class LoopResult:
     step_rows: list[list[int]]       # per lane, per step
     seconds: float                   # the whole loop
     size: tuple[int, int]
+    runtime: str = "torch"
 
 
 def denoise(pipe, lanes: list[Lane], *, num_images: int = 1, height: int | None = None,
             width: int | None = None, negative_prompt: str = "", token_index: int | None = None,
-            callback: StepCallback | None = None, stop=None, decode: bool = True) -> LoopResult:
+            callback: StepCallback | None = None, stop=None, decode: bool = True,
+            runtime: str = "torch") -> LoopResult:
     """The denoising loop over `lanes`, `num_images` images each, in one batched denoiser
     call per step. The lanes share one plan, or their plans are all linear (no mask,
     fusion or swap); then each step evaluates the union of the lanes' rows once and
@@ -155,6 +161,9 @@ def denoise(pipe, lanes: list[Lane], *, num_images: int = 1, height: int | None 
         # keep a history per trajectory)
         latents_s = latents.clone() if needs_swap else None
         scheduler_s = copy.deepcopy(scheduler) if needs_swap else None
+        # Attention processors are Python: a plan that reaches into attention runs in PyTorch.
+        if not (needs_mask or needs_swap):
+            model.runner = denoiser_runner(runtime, model.family, model.denoiser, latents.shape[-2:])
 
         # 5. Denoising loop
         rows, step_rows = [0] * len(lanes), [[] for _ in lanes]
@@ -196,7 +205,8 @@ def denoise(pipe, lanes: list[Lane], *, num_images: int = 1, height: int | None 
 
         # 6. Decode, all lanes together
         images = model.decode(latents, generators[0]) if decode else []
-    return LoopResult(images, latents, rows, step_rows, time.perf_counter() - started, (height, width))
+    return LoopResult(images, latents, rows, step_rows, time.perf_counter() - started, (height, width),
+                      "torch" if model.runner is None else "onnx")
 
 
 def advance(scheduler, noise, t, latents, extra_step_kwargs: dict, output_index: int = 0) -> torch.Tensor:
