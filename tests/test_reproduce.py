@@ -60,6 +60,8 @@ def test_rerun_resumes_to_the_same_report(report, world):
     assert before == after  # the wall time counts only runs that computed images
     runs = json.loads((out / R.TIMING_FILE).read_text())
     assert len(runs) == 2 and runs[0]["new_images"] > 0 and runs[1]["new_images"] == 0
+    # `--runtime auto`: ONNX Runtime where it is installed
+    assert runs[0]["runtime"] == ("onnx" if importlib.util.find_spec("onnxruntime") else "torch")
     assert f"{runs[0]['new_images']} images in 1 run(s)" in "\n".join(after)
 
 
@@ -71,6 +73,9 @@ def test_wall_time_sums_the_runs_that_computed_images():
     assert "150 s" in line and "300 images in 2 run(s)" in line and "1/2 process(es)" in line
     assert "2.00 images/s" in line
     assert "no images" in R.wall_time([{"seconds": 1.0, "new_images": 0, "processes": 1}])
+    assert line.endswith("denoiser in PyTorch.")  # runs recorded before the runtime was
+    onnx = R.wall_time([dict(runs[0], runtime="onnx")])
+    assert onnx.endswith("denoiser in ONNX Runtime (masked sampling and Photoswap in PyTorch).")
 
 
 def test_pure_numbers():
