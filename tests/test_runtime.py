@@ -62,6 +62,24 @@ def test_onnx_calls_no_torch_denoiser(pipe):
         handle.remove()
 
 
+def test_onnx_with_fractional_timesteps(pipe):
+    """A scheduler whose timesteps are not whole numbers (Euler's, linspace spacing): the
+    graph takes them as they are (cast to integers, every other step would be off)."""
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(original.config, timestep_spacing="linspace")
+    try:
+        pipe.scheduler.set_timesteps(7)
+        assert any(float(t) != int(t) for t in pipe.scheduler.timesteps)  # the case this test is about
+        config = configure("mixed", {}, 7)
+        theirs, ours = (run(pipe, PROMPTS, config, seed=SEED, height=SIZE, width=SIZE, decode=False,
+                            runtime=runtime) for runtime in ("torch", "onnx"))
+        assert ours.runtime == "onnx" and rel_diff(ours.latents, theirs.latents) < TOL
+    finally:
+        pipe.scheduler = original
+
+
 @pytest.mark.parametrize("name,params", [("masked", {"t_sw": 1}), ("photoswap", {"t_sf": 1, "t_cm": 2, "t_sm": 2})])
 def test_attention_samplers_run_in_torch(pipe, name, params):
     theirs, _ = latents(pipe, "torch", name, **params)

@@ -119,7 +119,7 @@ class OnnxDenoiser:
 
         config = unet.config
         example = (torch.zeros(2, config.in_channels, *latent_size),
-                   torch.tensor(500, dtype=torch.int64),
+                   torch.tensor(500.0),  # float: some schedulers' timesteps are not whole numbers
                    torch.zeros(2, 77, config.cross_attention_dim))
         graph = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
@@ -136,7 +136,7 @@ class OnnxDenoiser:
         self.calls = self.rows = 0
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(timestep, dtype=torch.int64).reshape(())
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())  # exact for DDIM's whole numbers
         self.calls, self.rows = self.calls + 1, self.rows + sample.shape[0]
         out = self.session.run(None, {"sample": sample.detach().contiguous().numpy(),
                                       "timestep": t.numpy(),
