@@ -51,6 +51,7 @@ def test_onnx_equals_torch(pipe, name, params):
 
 
 def test_onnx_calls_no_torch_denoiser(pipe):
+    latents(pipe, "onnx")  # the export traces through the module's forward: make it first
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
@@ -124,13 +125,73 @@ def test_new_weights_new_graph(pipe, tmp_path, monkeypatch):
             pipe.unet.conv_out.bias.data[0] -= 0.5
 
 
+def test_adapter_switched_off_new_graph(pipe):
+    """A LoRA adapter loaded through peft, then switched off without touching a tensor: the
+    module settings in the fingerprint change, so the graph follows (it would otherwise
+    still run the adapter)."""
+    from peft import LoraConfig
+
+    base, _ = latents(pipe, "onnx")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="probe")
+    try:
+        with_lora, _ = latents(pipe, "onnx")
+        assert rel_diff(with_lora, latents(pipe, "torch")[0]) < TOL and rel_diff(with_lora, base) > 1e-3
+        pipe.unet.disable_adapters()
+        off, _ = latents(pipe, "onnx")
+        assert rel_diff(off, latents(pipe, "torch")[0]) < TOL
+        assert rel_diff(off, base) < 1e-5  # the adapter is off in the graph too
+    finally:
+        pipe.unet.delete_adapters("probe")
+
+
+def test_weights_changed_during_export_are_not_cached(pipe, monkeypatch):
+    """Another thread swaps the weights while a graph is traced: that graph serves its own
+    run and is not filed under the fingerprint taken before the trace."""
+    rt._EXPORTS.pop(pipe.unet, None)
+    bias = pipe.unet.conv_out.bias
+    original = rt.OnnxDenoiser.__init__
+
+    def racing(self, unet, size):
+        original(self, unet, size)
+        bias.data = bias.data + 0.5  # "the other thread", after the trace, before filing
+
+    monkeypatch.setattr(rt.OnnxDenoiser, "__init__", racing)
+    saved = bias.data
+    try:
+        rt.onnx_denoiser(pipe.unet, (8, 8))
+        assert len(rt._EXPORTS.get(pipe.unet, {})) == 0
+    finally:
+        bias.data = saved
+    monkeypatch.undo()
+    rt.onnx_denoiser(pipe.unet, (8, 8))
+    assert len(rt._EXPORTS[pipe.unet]) == 1  # the negative control: unchanged weights are filed
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_leaves_the_module_as_it_was(pipe, training):
+    """The trace runs in eval mode and must hand the module back in its own mode (else its
+    fingerprint changes under it, and every run would export again)."""
+    mode = pipe.unet.training
+    pipe.unet.train(training)
+    try:
+        rt._EXPORTS.pop(pipe.unet, None)
+        before = rt.fingerprint(pipe.unet)
+        rt.onnx_denoiser(pipe.unet, (8, 8))
+        assert pipe.unet.training == training and rt.fingerprint(pipe.unet) == before
+        assert len(rt._EXPORTS[pipe.unet]) == 1
+    finally:
+        pipe.unet.train(mode)
+
+
 def test_auto(pipe, monkeypatch):
     assert rt.denoiser_runner("auto", "sd", pipe.unet, (8, 8)) is not None
     assert rt.denoiser_runner("auto", "sdxl", pipe.unet, (8, 8)) is None
     assert rt.denoiser_runner("torch", "sd", pipe.unet, (8, 8)) is None
-    monkeypatch.setattr(rt, "AUTO_MAX_PARAMETERS", sum(p.numel() for p in pipe.unet.parameters()) - 1)
+    monkeypatch.setattr(rt, "MAX_PARAMETERS", rt.parameter_count(pipe.unet) - 1)
     assert rt.denoiser_runner("auto", "sd", pipe.unet, (8, 8)) is None  # a large model stays in PyTorch
-    assert rt.denoiser_runner("onnx", "sd", pipe.unet, (8, 8)) is not None  # unless asked for
+    with pytest.raises(UserError, match=r"--runtime onnx: this denoiser has \d+M parameters"):
+        rt.denoiser_runner("onnx", "sd", pipe.unet, (8, 8))  # and asking for it is refused
     monkeypatch.undo()
     monkeypatch.setattr(rt, "onnx_available", lambda: False)
     assert rt.denoiser_runner("auto", "sd", pipe.unet, (8, 8)) is None

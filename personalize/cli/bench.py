@@ -12,7 +12,7 @@ from personalize.evaluation.bench import ARCH_CHOICES, format_report, run_bench
 from personalize.models.architectures import ARCHITECTURES, build_pipeline
 from personalize.models.loading import check_device, default_model, load_pipeline
 from personalize.sampling.backbones import backbone
-from personalize.sampling.runtime import onnx_available
+from personalize.sampling.runtime import parameter_count, resolve_runtime
 from personalize.sampling.samplers import SAMPLERS
 from personalize.training.recipes import METHODS, recipe
 from personalize.world.paths import is_world
@@ -59,10 +59,16 @@ def command(args) -> int:
                        size=args.size, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                        progress=progress_line, training_methods=training, training_steps=args.training_steps,
                        throughput_images=args.throughput_images if is_world(model) else 0,
-                       onnx=not args.no_onnx and args.device == "cpu" and args.dtype == "float32"
-                       and onnx_available() and backbone(pipe).family == "sd")
+                       onnx=not args.no_onnx and timed_in_onnx(pipe, args.device, args.dtype))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def timed_in_onnx(pipe, device: str, dtype: str) -> bool:
+    """Whether `auto` would run this pipeline's denoiser in ONNX Runtime: then the bench
+    times it both ways."""
+    model = backbone(pipe)
+    return resolve_runtime("auto", device, dtype, model.family, parameter_count(model.denoiser)) == "onnx"
 
 
 def check_args(args) -> list[str]:

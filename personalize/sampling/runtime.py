@@ -4,22 +4,26 @@ A small denoiser on a CPU spends most of a call in PyTorch's per-operator dispat
 arithmetic: the world's 1.5 M-parameter UNet takes about 26 ms for the three rows of one
 mixed-sampling step in eager mode and about 13 ms as an ONNX Runtime graph (fused
 operators, one call), the same predictions to about 1e-5. At a sweep's batches of a few
-hundred rows the arithmetic weighs more and a sweep gains about 1.3x; a large model
-(Stable Diffusion's 866 M parameters) is all arithmetic, so `auto` leaves models over
-`AUTO_MAX_PARAMETERS` in PyTorch.
+hundred rows the arithmetic weighs more and the gain falls to 1.06 to 1.3x (more with one
+thread per process). A large model (Stable Diffusion's 866 M parameters) is all arithmetic
+and its graph would pass protobuf's 2 GB limit, so only denoisers up to `MAX_PARAMETERS`
+run here.
 
 `onnx` runs the denoiser of an SD 1.x/2.x pipeline, float32, on the CPU, as a graph
 exported from the module as it is at the start of a run (a concept applied, LoRA layers,
 Custom Diffusion processors included). A run whose plan reaches into attention (masked
 sampling, Photoswap) runs in PyTorch: its processors are Python. The graph is exported
-again whenever the weights changed since the last export (`fingerprint`), so applying or
-removing a concept can never run a stale graph; the last few graphs of each denoiser are
-kept, so that an app switching between concepts does not export on every run.
+again whenever what it was traced from changed (`fingerprint`: the tensors, the modules'
+plain settings such as LoRA scales and switches, the attention processors), so applying
+or removing a concept, or switching an adapter off, does not run a stale graph; forward
+hooks are not part of a graph. The last few graphs of each denoiser are kept, so that an
+app switching between concepts does not export on every run.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -30,11 +34,12 @@ from personalize.errors import UserError
 
 RUNTIMES = ("torch", "onnx", "auto")
 ONNX_OPSET = 18
-AUTO_MAX_PARAMETERS = 100_000_000   # `auto` picks onnx for denoisers up to this size
-KEEP = 4                            # graphs kept per denoiser (weights x latent size), latest first
+MAX_PARAMETERS = 100_000_000   # onnx runs denoisers up to this size (`auto` leaves larger ones in PyTorch)
+KEEP = 4                       # graphs kept per denoiser (weights x latent size), latest first
 
 # denoiser -> OrderedDict {(fingerprint, latent size): OnnxDenoiser}, least recently used first.
 _EXPORTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EXPORTS_LOCK = threading.Lock()  # runs come from the app's worker threads
 
 
 def onnx_available() -> bool:
@@ -60,42 +65,68 @@ def check_runtime(runtime: str, device: str, dtype: str) -> None:
 
 def resolve_runtime(runtime: str, device: str, dtype: str, family: str = "sd", parameters: int = 0) -> str:
     """"torch" or "onnx": `auto` is onnx for an SD 1.x/2.x denoiser of at most
-    AUTO_MAX_PARAMETERS `parameters` on the CPU in float32 when onnxruntime is installed,
-    else torch; an explicit `onnx` anywhere else is an error."""
+    MAX_PARAMETERS `parameters` on the CPU in float32 when onnxruntime is installed, else
+    torch; an explicit `onnx` anywhere else is an error."""
     if runtime == "auto":
-        ok = (family == "sd" and device == "cpu" and dtype == "float32" and parameters <= AUTO_MAX_PARAMETERS
+        ok = (family == "sd" and device == "cpu" and dtype == "float32" and parameters <= MAX_PARAMETERS
               and onnx_available())
         return "onnx" if ok else "torch"
     check_runtime(runtime, device, dtype)
+    if runtime == "onnx" and family != "sd":
+        raise UserError(f"--runtime onnx: runs the UNet of SD 1.x/2.x pipelines only, this one is {family!r}; "
+                        "use --runtime torch")
+    if runtime == "onnx" and parameters > MAX_PARAMETERS:
+        raise UserError(f"--runtime onnx: this denoiser has {parameters / 1e6:.0f}M parameters, ONNX Runtime is "
+                        f"used for denoisers up to {MAX_PARAMETERS / 1e6:.0f}M (a large one gains little and its "
+                        "graph passes protobuf's 2 GB limit); use --runtime torch")
     return runtime
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def denoiser_runner(runtime: str, family: str, denoiser, latent_size: tuple[int, int]):
     """The callable that replaces `denoiser` for a run (`resolve_runtime`), or None to run
     it in PyTorch."""
     device, dtype = denoiser.device.type, str(denoiser.dtype).removeprefix("torch.")
-    parameters = sum(p.numel() for p in denoiser.parameters())
-    if resolve_runtime(runtime, device, dtype, family, parameters) == "torch":
+    if resolve_runtime(runtime, device, dtype, family, parameter_count(denoiser)) == "torch":
         return None
-    if family != "sd":
-        raise UserError(f"--runtime onnx: runs the UNet of SD 1.x/2.x pipelines only, this one is {family!r}; "
-                        "use --runtime torch")
     return onnx_denoiser(denoiser, latent_size)
+
+
+def _plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _settings(module: torch.nn.Module) -> tuple:
+    """A module's own plain attributes (LoRA scales and switches, FreeU factors, flags),
+    in a comparable form; its tensors, submodules and hooks are not among them."""
+    return tuple(sorted((k, repr(v)) for k, v in vars(module).items()
+                        if k not in ("_parameters", "_buffers", "_modules") and "hooks" not in k
+                        and _plain(v)))
 
 
 def fingerprint(module: torch.nn.Module) -> tuple:
     """What the exported graph depends on: every parameter and buffer (name, storage,
     in-place version, shape, dtype and the sum of its values: a concept swaps tensors,
     training edits them in place, and an edit through `.data` or a new tensor in a freed
-    tensor's memory shows only in the values) and the attention processors' types. Once
-    per run: about 5 ms for the world's denoiser, 2% of one of its images."""
-    parts = []
+    tensor's memory shows only in the values), every module's type and plain settings
+    (LoRA scales, adapters switched on or off, FreeU factors) and the attention
+    processors' types. Once per run: a few milliseconds for the world's denoiser."""
     with torch.no_grad():
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            parts.append((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype,
-                          float(t.detach().sum(dtype=torch.float64))))
+        tensors = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype,
+                         float(t.detach().sum(dtype=torch.float64)))
+                        for name, t in [*module.named_parameters(), *module.named_buffers()])
+    modules = tuple((name, type(m).__name__, _settings(m)) for name, m in module.named_modules())
     processors = getattr(module, "attn_processors", {})
-    return tuple(parts), tuple((k, type(v).__name__) for k, v in processors.items())
+    return tensors, modules, tuple((k, type(v).__name__) for k, v in processors.items())
 
 
 class _UNetGraph(torch.nn.Module):
@@ -104,6 +135,7 @@ class _UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        self.training = unet.training  # the exporter restores the wrapper's mode, recursively, after the trace
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -124,7 +156,9 @@ class OnnxDenoiser:
         graph = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes
-            torch.onnx.export(_UNetGraph(unet).eval(), example, graph, dynamo=False, opset_version=ONNX_OPSET,
+            # in eval mode for the trace only: the module's own mode is part of its fingerprint
+            torch.onnx.export(_UNetGraph(unet), example, graph, dynamo=False, opset_version=ONNX_OPSET,
+                              training=torch.onnx.TrainingMode.EVAL,
                               input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out"],
                               dynamic_axes={"sample": {0: "rows"},
                                             "encoder_hidden_states": {0: "rows", 1: "tokens"}})
@@ -148,12 +182,18 @@ def onnx_denoiser(unet, latent_size: tuple[int, int]) -> OnnxDenoiser:
     """The ONNX graph of `unet` as its weights are now, for latents of `latent_size`
     (the UNet's Python takes shape-dependent branches, so a graph serves one size): exported
     on first use and again after any change of its weights or processors."""
-    key = (fingerprint(unet), tuple(int(v) for v in latent_size))
-    graphs = _EXPORTS.setdefault(unet, OrderedDict())
-    if key in graphs:
-        graphs.move_to_end(key)
-        return graphs[key]
-    while len(graphs) >= KEEP:
-        graphs.popitem(last=False)  # free the oldest before building a new one
-    graphs[key] = OnnxDenoiser(unet, key[1])
-    return graphs[key]
+    size = tuple(int(v) for v in latent_size)
+    with _EXPORTS_LOCK:
+        key = (fingerprint(unet), size)
+        graphs = _EXPORTS.setdefault(unet, OrderedDict())
+        if key in graphs:
+            graphs.move_to_end(key)
+            return graphs[key]
+        while len(graphs) >= KEEP:
+            graphs.popitem(last=False)  # free the oldest before building a new one
+        runner = OnnxDenoiser(unet, size)
+        # Weights changed while the graph was traced (another thread applied a concept):
+        # the graph serves this run only, never filed under a key it may not match.
+        if fingerprint(unet) == key[0]:
+            graphs[key] = runner
+        return runner
