@@ -323,6 +323,25 @@ def test_a_concept_folder_names_its_own_phrase(quick_world, tmp_path):
         check_request(Request(prompt="a {} in the snow", model=str(out), concept=str(bare)))
 
 
+def test_generate_on_a_world_without_a_concept_takes_the_worlds_own(quick_world, tmp_path, capsys):
+    """`generate` on a world with neither --concept nor --concept-phrase uses the world's
+    first concept, as the app does (the README's first command); a phrase given on the
+    command line keeps the base model."""
+    import json
+
+    from personalize.cli import main
+
+    out, _ = quick_world
+    assert main(["generate", "--model", str(out), "--prompt", "a {} on the beach", "--steps", "2",
+                 "--out", str(tmp_path / "own")]) == 0
+    card = json.loads((tmp_path / "own" / "run.json").read_text())
+    assert card["concept"]["path"] == str(out / "concepts" / "ball") and card["concept_phrase"] == "sks ball"
+    assert "the world's own" in capsys.readouterr().err
+    assert main(["generate", "--model", str(out), "--prompt", "a {} on the beach", "--steps", "2",
+                 "--concept-phrase", "sks star", "--superclass", "star", "--out", str(tmp_path / "base")]) == 0
+    assert json.loads((tmp_path / "base" / "run.json").read_text())["concept"] is None
+
+
 def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
     from personalize.cli import main
     from personalize.cli import world as world_verb

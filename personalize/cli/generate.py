@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from personalize.errors import UserError
 from personalize.runs.request import Request, check, execute
 from personalize.runs.runcard import StepRecorder, check_out_dir, write_run
+from personalize.world.paths import world_concept
 
 
 def add_arguments(g) -> None:
@@ -37,6 +39,23 @@ def add_arguments(g) -> None:
     g.add_argument("--out", required=True)
 
 
+def own_concept(args) -> str | None:
+    """On a world with neither --concept nor --concept-phrase, the world's own first concept,
+    as the app starts (a world's base model has no concept.json to name a phrase)."""
+    if args.concept_phrase is not None:
+        return None
+    model = args.model
+    if model is None:
+        from personalize.models.loading import default_model
+        model, _reason = default_model()
+    world = world_concept(model)
+    if world is None:
+        return None
+    print(f"concept: {world['phrase']!r}, the world's own ({world['weights']}); --concept names another",
+          file=sys.stderr)
+    return world["weights"]
+
+
 def parse_set(items: list[str]) -> dict:
     """`--set KEY=VALUE` pairs; a value is JSON when it parses as JSON (numbers, lists),
     else a plain string."""
@@ -54,7 +73,7 @@ def parse_set(items: list[str]) -> dict:
 
 def command(args) -> int:
     req = Request(prompt=args.prompt, sampler=args.sampler, params=parse_set(args.set), model=args.model,
-                  concept=args.concept, concept_scale=args.concept_scale, concept_phrase=args.concept_phrase,
+                  concept=args.concept or own_concept(args), concept_scale=args.concept_scale, concept_phrase=args.concept_phrase,
                   superclass=args.superclass, negative_prompt=args.negative_prompt, steps=args.steps,
                   seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
                   device=args.device, dtype=args.dtype, scheduler=args.scheduler, runtime=args.runtime)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from personalize.errors import UserError
 from personalize.evaluation.metrics import image_scores, load_metric_models
-from personalize.models.loading import load_pipeline, read_concept_json
+from personalize.models.loading import load_pipeline
 from personalize.prompts import fill, remove_concept
 from personalize.runs import request as runs
 from personalize.runs.lab import Concept, Finished, Lab, StepUpdate
@@ -30,7 +30,7 @@ from personalize.runs.runcard import run_card, write_run
 from personalize.sampling import engine
 from personalize.sampling.samplers import SAMPLERS, SamplerConfig, default_for, plan
 from personalize.world import judge as J
-from personalize.world.paths import is_world
+from personalize.world.paths import is_world, world_concept
 from personalize.world.scene import CONCEPTS
 
 ENDS = ("concept", "superclass")   # the two ends every sampler sits between
@@ -406,24 +406,6 @@ def chart(state: LiveState, background: list[dict] = (), *, title: str = "IS / T
                       template="plotly_white", margin=dict(l=50, r=10, t=40, b=40), height=265,
                       legend=dict(font=dict(size=10)))
     return fig
-
-
-def world_concept(model: str, name: str | None = None) -> dict | None:
-    """A world's own concept (docs/world.md), `concepts/<name>` (the first by name when
-    None): its folder, phrase, superclass and reference images; None for other models."""
-
-    folder = Path(model)
-    if not (folder.is_dir() and is_world(folder)):
-        return None
-    names = sorted(p.name for p in (folder / "concepts").iterdir() if (p / "concept.json").is_file())
-    if not names:
-        return None
-    name = name or names[0]
-    if name not in names:
-        raise UserError(f"--world-concept: {name!r} is not one of the world's concepts ({', '.join(names)})")
-    meta = read_concept_json(folder / "concepts" / name)
-    return {"weights": str(folder / "concepts" / name), "phrase": meta["phrase"], "superclass": meta["superclass"],
-            "references": meta.get("references", [])}
 
 
 def make_lab(model: str | None = None, *, concept: str | None = None, concept_phrase: str | None = None,
