@@ -73,7 +73,8 @@ def parse_set(items: list[str]) -> dict:
 
 def command(args) -> int:
     req = Request(prompt=args.prompt, sampler=args.sampler, params=parse_set(args.set), model=args.model,
-                  concept=args.concept or own_concept(args), concept_scale=args.concept_scale, concept_phrase=args.concept_phrase,
+                  concept=args.concept or own_concept(args), concept_scale=args.concept_scale,
+                  concept_phrase=args.concept_phrase,
                   superclass=args.superclass, negative_prompt=args.negative_prompt, steps=args.steps,
                   seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
                   device=args.device, dtype=args.dtype, scheduler=args.scheduler, runtime=args.runtime)

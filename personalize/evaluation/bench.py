@@ -32,7 +32,7 @@ from personalize.models.demo import DEMO_CONCEPT
 from personalize.prompts import prompt_pair
 from personalize.sampling import engine
 from personalize.sampling.backbones import default_size
-from personalize.sampling.samplers import configure, plan
+from personalize.sampling.samplers import configure, plan, reaches_into_attention
 from personalize.training.bench import training_bench
 from personalize.training.loop import check_resolution
 from personalize.training.recipes import METHODS
@@ -203,7 +203,7 @@ def make_jobs(pipe, names: list[str], *, steps: int, size: int, seed: int, onnx:
     jobs = {DIFFUSERS: diffusers_job, **{name: sampler_job(config) for name, config in configs.items()}}
     if onnx:
         jobs.update({name + ONNX: sampler_job(config, "onnx") for name, config in configs.items()
-                     if not any(s.mask or s.swap for s in plan(config))})
+                     if not reaches_into_attention(plan(config))})
     return jobs, configs
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from personalize.prompts import PromptPair
 from personalize.sampling.backbones import backbone
 from personalize.sampling.engine import Lane, denoise
-from personalize.sampling.samplers import SamplerConfig, plan
+from personalize.sampling.samplers import SamplerConfig, plan, reaches_into_attention
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def run_many(pipe, items: list[Item], config: SamplerConfig, *, num_images: int 
     groups: dict[int | None, list[int]] = {}
     for k, item in enumerate(items):
         index = None
-        if concept_phrase and any(s.mask or s.swap for s in steps):
+        if concept_phrase and reaches_into_attention(steps):
             index = model.token_index(item.prompts.concept, concept_phrase)
         groups.setdefault(index, []).append(k)
     out: list[ItemResult | None] = [None] * len(items)

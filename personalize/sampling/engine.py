@@ -32,7 +32,7 @@ from personalize.sampling import guidance
 from personalize.sampling.attention import AttentionHooks
 from personalize.sampling.backbones import Backbone, Conditioning, backbone, batch_conditioning
 from personalize.sampling.runtime import denoiser_runner
-from personalize.sampling.samplers import ROW_ORDER, C, S, SamplerConfig, Step, U, plan
+from personalize.sampling.samplers import ROW_ORDER, C, S, SamplerConfig, Step, U, plan, reaches_into_attention
 
 
 class Stopped(RuntimeError):
@@ -82,7 +82,7 @@ def run(pipe, prompts: PromptPair, config: SamplerConfig, *, seed: int = 0, num_
     model = backbone(pipe)
     steps = plan(config)
     token_index = None
-    if any(s.mask or s.swap for s in steps):
+    if reaches_into_attention(steps):
         token_index = model.token_index(prompts.concept, concept_phrase) if concept_phrase else None
     result = denoise(pipe, [Lane(prompts, seed, steps)], num_images=num_images, height=height, width=width,
                      negative_prompt=negative_prompt, token_index=token_index, callback=callback, stop=stop,

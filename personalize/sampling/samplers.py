@@ -349,6 +349,12 @@ def photoswap_step(cfg: SamplerConfig, i: int) -> Step:
     return Step((U, C, U, S), {C: cfg.scale("w", i)}, swap=swap, weights_s={S: cfg.scale("w", i)})
 
 
+def reaches_into_attention(steps: list[Step]) -> bool:
+    """Whether a plan works inside the denoiser's attention (masked sampling's maps,
+    Photoswap's swaps): it needs the concept token's position and Python processors."""
+    return any(s.mask or s.swap for s in steps)
+
+
 def total_rows(steps: list[Step], num_images: int = 1) -> int:
     return sum(step.cost for step in steps) * num_images
 
