@@ -22,13 +22,30 @@ def test_build_records_every_part(quick_world):
     out, world = quick_world
     record = json.loads((out / "world.json").read_text())
     assert record == world      # every test leaves the shared quick world as built
-    assert set(record["parts"]) == {"autoencoder", "denoiser", "instances", "metric_model", "concepts", "decoder"}
+    assert set(record["parts"]) == {"autoencoder", "denoiser", "instances", "continued", "metric_model", "concepts",
+                                    "decoder"}
     assert record["parts"]["instances"]["names"] == build.identifier_words(clip_tokenizer(), build.QUICK.instances)
-    for part in ("autoencoder", "denoiser", "instances", "metric_model", "decoder"):
+    for part in ("autoencoder", "denoiser", "instances", "continued", "metric_model", "decoder"):
         assert record["parts"][part]["steps"] > 0
         assert np.isfinite(record["parts"][part]["final_loss"])
     assert set(record["parts"]["concepts"]) == set(CONCEPTS)
     assert not (out / build.STATE_FILE).exists() and not (out / ".work").exists()
+
+
+def test_continuation_trains_the_denoiser_on_and_writes_it_back(quick_world, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = quick_world
+    copy = tmp_path / "w"
+    shutil.copytree(out, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    before = load_file(str(weights))
+    record = build.continue_denoiser(copy, dataclasses.replace(build.QUICK, continue_steps=2), seed=0)
+    after = load_file(str(weights))
+    assert record["steps"] == 2 and np.isfinite(record["final_loss"])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2          # the written denoiser is the trained one
+    assert build.FULL.continue_minutes == 0 and build.WORLD6.continue_minutes == 0   # earlier worlds had no such stage
 
 
 def test_pipeline_loads_with_diffusers(quick_world):
@@ -356,9 +373,9 @@ def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--no-check"]) == 0
     assert built["size"] is build.WORLD6 and built["size"].code_steps > 0 and built["size"].decoder_denoised > 0
     assert main(["world", "build", "--out", str(tmp_path / "w")]) == 0
-    assert built["size"] is build.FULL and build.FULL.code_steps == 0     # the shipped world's recipe by default
+    assert built["size"] is build.WORLD7 and build.WORLD7.continue_minutes > 0   # the shipped world's recipe by default
     built.clear()
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--quick"]) == 2
     assert "--quick builds its own tiny recipe" in capsys.readouterr().err and not built
-    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world7"]) == 2
-    assert "world7" in capsys.readouterr().err and not built
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world8"]) == 2
+    assert "world8" in capsys.readouterr().err and not built

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from personalize.errors import UserError
-from personalize.world.build import RECIPES, build_world
+from personalize.world.build import RECIPES, SHIPPED_RECIPE, build_world
 from personalize.world.check import format_table, run_check
 from personalize.world.paths import shipped_world
 
@@ -16,8 +16,9 @@ def add_arguments(parser) -> None:
     b.add_argument("--out", required=True, help="a new (or empty) folder")
     b.add_argument("--quick", action="store_true", help="a tiny build in a few minutes, for tests")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--recipe", choices=sorted(RECIPES), default="world5",
-                   help="what each part gets: world5, the shipped world's (default), or world6, measured in docs/world.md")
+    b.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED_RECIPE,
+                   help=f"what each part gets: {SHIPPED_RECIPE}, the shipped world's (default), or an earlier world's, "
+                        "measured in docs/world.md")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     b.add_argument("--no-check", action="store_true", help="skip the acceptance check after the build")
     c = actions.add_parser("check", help="measure the world's acceptance figures and print them as a table")
@@ -28,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def command(args) -> int:
     if args.world_action == "build":
-        if args.quick and args.recipe != "world5":
+        if args.quick and args.recipe != SHIPPED_RECIPE:
             raise UserError(f"--recipe {args.recipe}: --quick builds its own tiny recipe; give one or the other")
         size = None if args.quick else RECIPES[args.recipe]
         world = build_world(args.out, quick=args.quick, seed=args.seed, resume=args.resume, size=size,
