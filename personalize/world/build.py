@@ -553,14 +553,24 @@ def train_instances(folder: Path, size: BuildSize, seed: int) -> dict:
     named_images, named_captions, named_masks = named_instance_batch(n_named, seed, names)
     images = np.concatenate([images, named_images])
     masks = np.concatenate([masks, named_masks])
+    record = _train_pipeline_on(folder, pipe, images, captions + named_captions, masks, size,
+                                size.instance_steps, size.instance_minutes, seed + 2)
+    return {**record, "names": names, "named_pairs": n_named, "world_pairs": total - n_named}
+
+
+def _train_pipeline_on(folder: Path, pipe, images: np.ndarray, captions: list[str], masks: np.ndarray,
+                       size: BuildSize, steps: int, minutes: float, seed: int) -> dict:
+    """Train the pipeline's denoiser and text encoder on from where they are, on these
+    renders, for `steps` or `minutes`, at half the first run's peak learning rate, and write
+    them back into `folder`: the later denoiser stages (named instances, continuation)."""
     mean, std = encode(pipe.vae, images)
-    stage = dataclasses.replace(size, denoiser_steps=size.instance_steps, denoiser_minutes=size.instance_minutes)
+    stage = dataclasses.replace(size, denoiser_steps=steps, denoiser_minutes=minutes)
     unet, text_encoder, record = train_denoiser(
-        mean, std, pipe.vae.config.scaling_factor, captions + named_captions, pipe.tokenizer, stage, seed + 2,
+        mean, std, pipe.vae.config.scaling_factor, captions, pipe.tokenizer, stage, seed,
         weight_map=latent_weight_map(masks, size.object_weight), start_from=(pipe.unet, pipe.text_encoder),
         peak_lr=5e-4)
     write_pipeline(pipe.vae, text_encoder, unet, folder)
-    return {**record, "names": names, "named_pairs": n_named, "world_pairs": total - n_named}
+    return record
 
 
 def continue_denoiser(folder: Path, size: BuildSize, seed: int) -> dict:
@@ -575,14 +585,8 @@ def continue_denoiser(folder: Path, size: BuildSize, seed: int) -> dict:
     pipe = load_pipeline(folder)
     _log(f"rendering {size.images} training images for the denoiser's continuation")
     images, captions, masks = render_data(size.images, seed, with_masks=True)
-    mean, std = encode(pipe.vae, images)
-    stage = dataclasses.replace(size, denoiser_steps=size.continue_steps, denoiser_minutes=size.continue_minutes)
-    unet, text_encoder, record = train_denoiser(
-        mean, std, pipe.vae.config.scaling_factor, captions, pipe.tokenizer, stage, seed + 5,
-        weight_map=latent_weight_map(masks, size.object_weight), start_from=(pipe.unet, pipe.text_encoder),
-        peak_lr=5e-4)
-    write_pipeline(pipe.vae, text_encoder, unet, folder)
-    return record
+    return _train_pipeline_on(folder, pipe, images, captions, masks, size, size.continue_steps,
+                              size.continue_minutes, seed + 5)
 
 
 def full_caption(cls: str, colour: str, context: str) -> str:
