@@ -48,6 +48,25 @@ def test_continuation_trains_the_denoiser_on_and_writes_it_back(quick_world, tmp
     assert build.FULL.continue_minutes == 0 and build.WORLD6.continue_minutes == 0   # earlier worlds had no such stage
 
 
+def test_the_world_latents_are_encoded_once_per_build(quick_world, tmp_path, monkeypatch):
+    out, _ = quick_world
+    vae = build.load_pipeline(out).vae
+    n = 12
+    first = build.world_latents(tmp_path, vae, n, seed=3)
+    images, captions, masks = build.render_data(n, 3, with_masks=True)
+    mean, std = build.encode(vae, images)
+    assert torch.equal(first["mean"], mean) and torch.equal(first["std"], std) and first["captions"] == captions
+    assert torch.equal(first["cover"], build.object_cover(masks))
+    assert (tmp_path / ".work" / build.LATENTS_FILE).is_file()
+    calls = []
+    real = build.render_data
+    monkeypatch.setattr(build, "render_data", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = build.world_latents(tmp_path, vae, n, seed=3)          # the continuation's call: read back
+    assert calls == [] and torch.equal(again["mean"], mean) and again["captions"] == captions
+    other = build.world_latents(tmp_path, vae, n, seed=4)          # another seed: made again
+    assert calls == [(n, 4)] and not torch.equal(other["mean"], mean)
+
+
 def test_pipeline_loads_with_diffusers(quick_world):
     from diffusers import StableDiffusionPipeline
 
@@ -162,10 +181,10 @@ def test_snr_normal_timesteps_favour_the_middle_of_the_schedule():
     assert p[snr < 0.03].sum() < (snr < 0.03).float().mean() / 2
 
 
-def test_latent_weight_map_weighs_the_object_patches():
+def test_latent_weights_weigh_the_object_patches():
     masks = np.zeros((2, 64, 64), bool)
     masks[0, 20:40, 24:44] = True          # a 20 px box: latent pixels 5..9 x 6..10
-    w = build.latent_weight_map(masks, 3.0)
+    w = build.cover_weights(build.object_cover(masks), 3.0)
     assert w.shape == (2, 1, 16, 16)
     assert torch.all(w[1] == 1.0)
     assert torch.all(w[0, 0, 5:10, 6:11] == 3.0) and w[0, 0, 0, 0] == 1.0 and w[0, 0, 12, 12] == 1.0

@@ -50,6 +50,7 @@ from .scene import (
 
 PIPELINE_PARTS = ("vae", "text_encoder", "unet", "tokenizer", "scheduler")
 STATE_FILE = "build-state.json"
+LATENTS_FILE = "world-latents.pt"   # in the build's .work folder, removed when the build ends
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,36 @@ def render_data(n: int, seed: int, *, with_masks: bool = False):
     return (images, captions, np.stack([object_mask(s) for s in scenes])) if with_masks else (images, captions)
 
 
-def latent_weight_map(masks: np.ndarray, object_weight: float) -> torch.Tensor:
-    """Per latent pixel loss weights (n, 1, 16, 16): `object_weight` where the object
-    covers some of the latent pixel's patch, 1 elsewhere."""
-    covered = F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], models.LATENT_SIZE) > 0.05
+def object_cover(masks: np.ndarray) -> torch.Tensor:
+    """(n, 1, 16, 16) bool: whether the object covers some of each latent pixel's patch."""
+    return F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], models.LATENT_SIZE) > 0.05
+
+
+def cover_weights(covered: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per latent pixel loss weights: `object_weight` where `covered`, 1 elsewhere."""
     return 1.0 + (object_weight - 1.0) * covered.float()
+
+
+def world_latents(folder: Path, vae, n: int, seed: int) -> dict:
+    """The world renders behind the denoiser (`render_data(n, seed)`), encoded by `vae`:
+    {"mean", "std", "captions", "cover" (`object_cover`)}.
+
+    The first denoiser run and its continuation train on the same renders through the same
+    encoder (later stages change only the decoder), so a build encodes them once, about
+    three minutes at 40,000 images on 2 cores, and keeps them in its `.work` folder (also
+    across a resumed build); a file made for another size or seed is made again."""
+    path = folder / ".work" / LATENTS_FILE
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("n") == n and cached.get("seed") == seed:
+            return cached
+    _log(f"rendering and encoding {n} training images for the denoiser")
+    images, captions, masks = render_data(n, seed, with_masks=True)
+    mean, std = encode(vae, images)
+    data = {"n": n, "seed": seed, "mean": mean, "std": std, "captions": captions, "cover": object_cover(masks)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path)
+    return data
 
 
 def timestep_distribution(scheduler, spread: float = 2.0, uniform_share: float = 0.3) -> torch.Tensor:
@@ -469,7 +495,7 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
     the world), with a Min-SNR-style loss weight, empty captions included
     (they are the unconditional branch of classifier-free guidance), timesteps drawn
     uniformly or, with `size.timesteps == "snr-normal"`, by `timestep_distribution`.
-    `weight_map` (n, 1, h, w) weighs each latent pixel's error (`latent_weight_map`: the
+    `weight_map` (n, 1, h, w) weighs each latent pixel's error (`cover_weights`: the
     object's pixels can count more, where the ten textured backgrounds, which fill most of
     every image, would otherwise take the steps the shapes need). `start_from` is a
     (unet, text_encoder) pair to continue training."""
@@ -553,21 +579,22 @@ def train_instances(folder: Path, size: BuildSize, seed: int) -> dict:
     named_images, named_captions, named_masks = named_instance_batch(n_named, seed, names)
     images = np.concatenate([images, named_images])
     masks = np.concatenate([masks, named_masks])
-    record = _train_pipeline_on(folder, pipe, images, captions + named_captions, masks, size,
+    mean, std = encode(pipe.vae, images)
+    record = _train_pipeline_on(folder, pipe, mean, std, captions + named_captions, object_cover(masks), size,
                                 size.instance_steps, size.instance_minutes, seed + 2)
     return {**record, "names": names, "named_pairs": n_named, "world_pairs": total - n_named}
 
 
-def _train_pipeline_on(folder: Path, pipe, images: np.ndarray, captions: list[str], masks: np.ndarray,
-                       size: BuildSize, steps: int, minutes: float, seed: int) -> dict:
+def _train_pipeline_on(folder: Path, pipe, mean: torch.Tensor, std: torch.Tensor, captions: list[str],
+                       cover: torch.Tensor, size: BuildSize, steps: int, minutes: float, seed: int) -> dict:
     """Train the pipeline's denoiser and text encoder on from where they are, on these
-    renders, for `steps` or `minutes`, at half the first run's peak learning rate, and write
-    them back into `folder`: the later denoiser stages (named instances, continuation)."""
-    mean, std = encode(pipe.vae, images)
+    encoded renders, for `steps` or `minutes`, at half the first run's peak learning rate,
+    and write them back into `folder`: the later denoiser stages (named instances,
+    continuation)."""
     stage = dataclasses.replace(size, denoiser_steps=steps, denoiser_minutes=minutes)
     unet, text_encoder, record = train_denoiser(
         mean, std, pipe.vae.config.scaling_factor, captions, pipe.tokenizer, stage, seed,
-        weight_map=latent_weight_map(masks, size.object_weight), start_from=(pipe.unet, pipe.text_encoder),
+        weight_map=cover_weights(cover, size.object_weight), start_from=(pipe.unet, pipe.text_encoder),
         peak_lr=5e-4)
     write_pipeline(pipe.vae, text_encoder, unet, folder)
     return record
@@ -583,10 +610,9 @@ def continue_denoiser(folder: Path, size: BuildSize, seed: int) -> dict:
     (about 5,900 steps with its named instances), 3,927 more steps took the judge's class
     figure from 0.49 to 0.855 of 200 prompts."""
     pipe = load_pipeline(folder)
-    _log(f"rendering {size.images} training images for the denoiser's continuation")
-    images, captions, masks = render_data(size.images, seed, with_masks=True)
-    return _train_pipeline_on(folder, pipe, images, captions, masks, size, size.continue_steps,
-                              size.continue_minutes, seed + 5)
+    data = world_latents(folder, pipe.vae, size.images, seed)
+    return _train_pipeline_on(folder, pipe, data["mean"], data["std"], data["captions"], data["cover"], size,
+                              size.continue_steps, size.continue_minutes, seed + 5)
 
 
 def full_caption(cls: str, colour: str, context: str) -> str:
@@ -775,9 +801,6 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
         save_metric_model(model, out / "metric")
         done("metric_model", record)
     if not pipeline_ready:
-        _log(f"rendering {size.images} training images")
-        weighted = size.object_weight != 1.0
-        images, captions, *masks = render_data(size.images, seed, with_masks=weighted)
         if "autoencoder" in state["parts"] and (out / ".work" / "vae").is_dir():
             vae = AutoencoderKL.from_pretrained(str(out / ".work" / "vae")).eval().requires_grad_(False)
         else:
@@ -791,16 +814,17 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
                 vae, record["class_code"] = train_class_code(vae, codec_images, codes, size, seed)
             vae.save_pretrained(str(out / ".work" / "vae"))
             done("autoencoder", record)
-        mean, std = encode(vae, images)
+        data = world_latents(out, vae, size.images, seed)
+        mean, std = data["mean"], data["std"]
         scaling = float(1.0 / (mean.std().item() or 1.0))
         vae.register_to_config(scaling_factor=scaling)
         start_from = None
         if size.text_encoder == "metric":
             torch.manual_seed(seed)
             start_from = (models.denoiser(), models.text_encoder_from_metric(load_metric_model(out / "metric")))
-        unet, text_encoder, record = train_denoiser(mean, std, scaling, captions, clip_tokenizer(), size, seed,
-                                                    weight_map=latent_weight_map(masks[0], size.object_weight)
-                                                    if weighted else None, start_from=start_from)
+        unet, text_encoder, record = train_denoiser(mean, std, scaling, data["captions"], clip_tokenizer(), size,
+                                                    seed, weight_map=cover_weights(data["cover"], size.object_weight),
+                                                    start_from=start_from)
         record["scaling_factor"] = scaling
         record["text_encoder"] = size.text_encoder
         write_pipeline(vae, text_encoder, unet, out)
