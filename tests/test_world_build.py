@@ -392,9 +392,29 @@ def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--no-check"]) == 0
     assert built["size"] is build.WORLD6 and built["size"].code_steps > 0 and built["size"].decoder_denoised > 0
     assert main(["world", "build", "--out", str(tmp_path / "w")]) == 0
-    assert built["size"] is build.WORLD7 and build.WORLD7.continue_minutes > 0   # the shipped world's recipe by default
+    assert built["size"] is build.WORLD8 and build.WORLD8.continue_minutes > 0   # the shipped world's recipe by default
     built.clear()
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--quick"]) == 2
     assert "--quick builds its own tiny recipe" in capsys.readouterr().err and not built
-    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world8"]) == 2
-    assert "world8" in capsys.readouterr().err and not built
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world9"]) == 2
+    assert "world9" in capsys.readouterr().err and not built
+
+
+def test_a_recipe_can_give_one_concept_its_own_settings(tmp_path, monkeypatch):
+    # World 8 trains the ball harder than the star; the others keep the recipe's shared settings.
+    calls = {}
+
+    def fake_train(pipe, images, *, phrase, out, steps, lr, batch_size, **kwargs):
+        calls[phrase] = (steps, lr, batch_size, len(images))
+        return {"method": "svdiff", "steps": steps, "seconds": 0.0, "final_loss": 0.1}
+
+    monkeypatch.setattr(build, "load_pipeline", lambda folder: object())
+    monkeypatch.setattr(build, "train_concept", fake_train)
+    size = dataclasses.replace(build.QUICK, concept_steps=4, concept_lr=5e-3, concept_batch=1,
+                               concept_by_name=(("ball", 7, 1e-2, 16),))
+    record = build.train_concepts(tmp_path, size, seed=0, log=lambda message: None)
+    assert calls == {"sks star": (4, 5e-3, 1, 5), "sks ball": (7, 1e-2, 16, 5)}
+    assert record["ball"]["batch"] == 16 and record["star"]["lr"] == 5e-3
+    assert build.WORLD8.concept_by_name == (("ball", 1_500, 1e-2, 16),)
+    with pytest.raises(ValueError, match="dog"):
+        build.train_concepts(tmp_path, dataclasses.replace(size, concept_by_name=(("dog", 1, 1e-3, 1),)), seed=0)
