@@ -392,7 +392,9 @@ def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--no-check"]) == 0
     assert built["size"] is build.WORLD6 and built["size"].code_steps > 0 and built["size"].decoder_denoised > 0
     assert main(["world", "build", "--out", str(tmp_path / "w")]) == 0
-    assert built["size"] is build.WORLD8 and build.WORLD8.continue_minutes > 0   # the shipped world's recipe by default
+    assert built["size"] is build.WORLD7 and build.WORLD7.continue_minutes > 0   # the shipped world's recipe by default
+    assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world8", "--no-check"]) == 0
+    assert built["size"] is build.WORLD8 and dict((r[0], r[1:]) for r in built["size"].concept_by_name)["ball"][2] == 16
     built.clear()
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--quick"]) == 2
     assert "--quick builds its own tiny recipe" in capsys.readouterr().err and not built
@@ -401,7 +403,7 @@ def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_recipe_can_give_one_concept_its_own_settings(tmp_path, monkeypatch):
-    # World 8 trains the ball harder than the star; the others keep the recipe's shared settings.
+    # World 8's recipe trains the ball harder than the star; the others keep the recipe's shared settings.
     calls = {}
 
     def fake_train(pipe, images, *, phrase, out, steps, lr, batch_size, **kwargs):
