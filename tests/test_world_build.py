@@ -418,5 +418,8 @@ def test_a_recipe_can_give_one_concept_its_own_settings(tmp_path, monkeypatch):
     assert calls == {"sks star": (4, 5e-3, 1, 5), "sks ball": (7, 1e-2, 16, 5)}
     assert record["ball"]["batch"] == 16 and record["star"]["lr"] == 5e-3
     assert build.WORLD8.concept_by_name == (("ball", 1_500, 1e-2, 16),)
+    # A bad row fails when the recipe is made, not when the build reaches its concepts.
     with pytest.raises(ValueError, match="dog"):
-        build.train_concepts(tmp_path, dataclasses.replace(size, concept_by_name=(("dog", 1, 1e-3, 1),)), seed=0)
+        dataclasses.replace(size, concept_by_name=(("dog", 1, 1e-3, 1),))
+    with pytest.raises(ValueError, match="ball"):
+        dataclasses.replace(size, concept_by_name=(("ball", 1, 1e-3),))

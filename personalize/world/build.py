@@ -93,6 +93,13 @@ class BuildSize:
     continue_minutes: float = 0.0    # after the named instances, the denoiser trains on, on world pairs alone (0: no such stage)
     continue_steps: int = 10_000
 
+    def __post_init__(self):
+        # Checked here, not when the concepts' stage comes, about 90 minutes into a build.
+        for row in self.concept_by_name:
+            if len(row) != 4 or row[0] not in CONCEPTS:
+                raise ValueError(f"concept_by_name: {row!r} is not a (name, steps, lr, batch) row for one of "
+                                 f"the world's concepts {sorted(CONCEPTS)}")
+
 
 FULL = BuildSize()
 # World 6's recipe (measured, not shipped; see docs/world.md): the class-code stage, a
@@ -751,9 +758,6 @@ def train_concepts(folder: Path, size: BuildSize, seed: int, log=_log) -> dict:
     references, long enough to forget contexts (the failure the samplers repair)."""
 
     own = {row[0]: row[1:] for row in size.concept_by_name}
-    if set(own) - set(CONCEPTS):
-        raise ValueError(f"concept_by_name names {sorted(set(own) - set(CONCEPTS))}; the world's concepts "
-                         f"are {sorted(CONCEPTS)}")
     pipe = load_pipeline(folder)
     results = {}
     for i, (name, concept) in enumerate(CONCEPTS.items()):
