@@ -191,10 +191,14 @@ def test_latent_weights_weigh_the_object_patches():
     assert int((w[0] == 3.0).sum()) == 25
 
 
-def test_denoiser_training_refuses_an_unknown_timestep_rule():
-    size = dataclasses.replace(build.QUICK, timesteps="lognormal", denoiser_steps=1)
-    with pytest.raises(ValueError, match="timesteps"):
-        build.train_denoiser(torch.zeros(2, 8, 16, 16), torch.zeros(2, 8, 16, 16), 1.0, ["", ""], None, size, 0)
+def test_a_recipe_refuses_an_unknown_timestep_rule_or_text_encoder_when_it_is_made():
+    # Refused when the recipe is made, before any part of a build has run.
+    with pytest.raises(ValueError, match="timesteps must be 'uniform' or 'snr-normal', got 'lognormal'"):
+        dataclasses.replace(build.QUICK, timesteps="lognormal")
+    with pytest.raises(ValueError, match="text_encoder must be 'metric' or 'joint', got 'clip'"):
+        dataclasses.replace(build.QUICK, text_encoder="clip")
+    # The values the recipes use are taken.
+    assert dataclasses.replace(build.QUICK, timesteps="uniform", text_encoder="joint").timesteps == "uniform"
 
 
 def test_anchored_codec_pulls_its_channels_to_the_image_averages_and_the_class_codes():

@@ -94,7 +94,11 @@ class BuildSize:
     continue_steps: int = 10_000
 
     def __post_init__(self):
-        # Checked here, not when the concepts' stage comes, about 90 minutes into a build.
+        # Checked here, not when the stage that reads them comes, up to 90 minutes into a build.
+        if self.timesteps not in ("uniform", "snr-normal"):
+            raise ValueError(f"timesteps must be 'uniform' or 'snr-normal', got {self.timesteps!r}")
+        if self.text_encoder not in ("metric", "joint"):
+            raise ValueError(f"text_encoder must be 'metric' or 'joint', got {self.text_encoder!r}")
         for row in self.concept_by_name:
             if len(row) != 4 or row[0] not in CONCEPTS:
                 raise ValueError(f"concept_by_name: {row!r} is not a (name, steps, lr, batch) row for one of "
@@ -516,8 +520,6 @@ def train_denoiser(latent_mean, latent_std, scaling: float, captions: list[str],
     object's pixels can count more, where the ten textured backgrounds, which fill most of
     every image, would otherwise take the steps the shapes need). `start_from` is a
     (unet, text_encoder) pair to continue training."""
-    if size.timesteps not in ("uniform", "snr-normal"):
-        raise ValueError(f"timesteps must be 'uniform' or 'snr-normal', got {size.timesteps!r}")
     torch.manual_seed(seed)
     unet, text_encoder = start_from or (models.denoiser(), models.text_encoder())
     unet.train().requires_grad_(True)
@@ -811,8 +813,6 @@ def build_world(out: str | Path, *, quick: bool = False, seed: int = 0, resume: 
     torch_threads = torch.get_num_threads()
     total_start = time.time()
     pipeline_ready = all((out / p).exists() for p in PIPELINE_PARTS) and "denoiser" in state["parts"]
-    if size.text_encoder not in ("metric", "joint"):
-        raise ValueError(f"text_encoder must be 'metric' or 'joint', got {size.text_encoder!r}")
     # The metric model comes first: with text_encoder="metric" its text tower starts the
     # denoiser's text encoder (one trained from scratch beside the denoiser kept prompts that
     # differ only in the class word 4x closer than the contrastive tower does).
