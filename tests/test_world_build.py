@@ -398,7 +398,7 @@ def test_build_recipe_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["world", "build", "--out", str(tmp_path / "w")]) == 0
     assert built["size"] is build.WORLD7 and build.WORLD7.continue_minutes > 0   # the shipped world's recipe by default
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world8", "--no-check"]) == 0
-    assert built["size"] is build.WORLD8 and dict((r[0], r[1:]) for r in built["size"].concept_by_name)["ball"][2] == 16
+    assert built["size"] is build.WORLD8 and build.WORLD8.concept_settings("ball")[2] == 16
     built.clear()
     assert main(["world", "build", "--out", str(tmp_path / "w"), "--recipe", "world6", "--quick"]) == 2
     assert "--quick builds its own tiny recipe" in capsys.readouterr().err and not built
@@ -427,3 +427,5 @@ def test_a_recipe_can_give_one_concept_its_own_settings(tmp_path, monkeypatch):
         dataclasses.replace(size, concept_by_name=(("dog", 1, 1e-3, 1),))
     with pytest.raises(ValueError, match=r"\('ball', 1, 0\.001\) is not"):
         dataclasses.replace(size, concept_by_name=(("ball", 1, 1e-3),))
+    with pytest.raises(ValueError, match="'ball' has more than one row"):
+        dataclasses.replace(size, concept_by_name=(("ball", 1, 1e-3, 1), ("ball", 2, 1e-3, 1)))

@@ -103,6 +103,15 @@ class BuildSize:
             if len(row) != 4 or row[0] not in CONCEPTS:
                 raise ValueError(f"concept_by_name: {row!r} is not a (name, steps, lr, batch) row for one of "
                                  f"the world's concepts {sorted(CONCEPTS)}")
+        names = [row[0] for row in self.concept_by_name]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"concept_by_name: {', '.join(map(repr, twice))} has more than one row")
+
+    def concept_settings(self, name: str) -> tuple[int, float, int]:
+        """(steps, lr, batch) of concept `name`: its own row, or the recipe's shared settings."""
+        own = {row[0]: tuple(row[1:]) for row in self.concept_by_name}
+        return own.get(name, (self.concept_steps, self.concept_lr, self.concept_batch))
 
 
 FULL = BuildSize()
@@ -759,11 +768,10 @@ def train_concepts(folder: Path, size: BuildSize, seed: int, log=_log) -> dict:
     """The two personal concepts, fine-tuned by SVDiff on their five plain-background
     references, long enough to forget contexts (the failure the samplers repair)."""
 
-    own = {row[0]: row[1:] for row in size.concept_by_name}
     pipe = load_pipeline(folder)
     results = {}
     for i, (name, concept) in enumerate(CONCEPTS.items()):
-        steps, lr, batch = own.get(name, (size.concept_steps, size.concept_lr, size.concept_batch))
+        steps, lr, batch = size.concept_settings(name)
         scenes = reference_scenes(name, n=5, seed=seed + i)
         images = [Image.fromarray(render(s)) for s in scenes]
         out = folder / "concepts" / name
